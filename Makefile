@@ -1,0 +1,29 @@
+# Two commands do all the set-up: `make run` (the main job) and `make test`.
+# Both create .venv and install the pinned stack when missing (quick afterwards).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gendag-installed
+export GENDAG_HOME ?= $(CURDIR)
+export PYTHONHASHSEED = 0
+
+.PHONY: run test bench install clean-runs
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: flow matching on 8 gaussians -> moons and on the 8x8 digits, cpu scale.
+run: $(STAMP)
+	$(BIN)/gendag run flow-matching --config flow-matching/gaussians-to-moons --scale cpu --out runs/main/moons
+	$(BIN)/gendag run flow-matching --config flow-matching/digits --scale cpu --out runs/main/digits
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py

@@ -1,0 +1,46 @@
+"""What a finished run leaves behind for people and scripts: `summary.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.config import RunConfig
+from tasks.infra import Ref
+from tasks.register import git_commit
+
+
+def prefect_flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id)
+
+
+def lineage(cfg: RunConfig, data: Ref) -> dict[str, str]:
+    """Tags that tie a registered model to its code, data, config and orchestration run."""
+    return {
+        "gendag.git_commit": git_commit(),
+        "gendag.data_hash": data.hash,
+        "gendag.config_hash": cfg.digest(),
+        "gendag.prefect_flow_run_id": prefect_flow_run_id(),
+    }
+
+
+def write_summary(out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dict, registered: dict) -> dict:
+    summary = {
+        "graph": cfg.graph,
+        "name": cfg.name,
+        "dataset": cfg.data.name,
+        "data_hash": data.hash,
+        "config_hash": cfg.digest(),
+        "model_hash": model.hash,
+        "metrics": metrics,
+        "mlflow_run_id": registered["run_id"],
+        "registered_model": {k: registered[k] for k in ("name", "version", "aliases")},
+        "prefect_flow_run_id": prefect_flow_run_id(),
+        "report": str(out / "report"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

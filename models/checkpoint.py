@@ -1,0 +1,66 @@
+"""Build a model from a plain spec, and store it as safetensors + JSON (never pickle).
+
+A `ModelSpec` is everything needed to rebuild the network around stored weights,
+so a registered model is loadable from its folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.networks import build_network
+from models.parameterization import Denoiser
+from models.paths import make_scheduler
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    network: str
+    data_shape: tuple[int, ...]
+    parameterization: str = "velocity"
+    scheduler: str = "cond_ot"
+    network_kwargs: dict = field(default_factory=dict)
+    scheduler_kwargs: dict = field(default_factory=dict)
+
+    def build(self) -> Denoiser:
+        net = build_network(self.network, tuple(self.data_shape), **self.network_kwargs)
+        return Denoiser(net, make_scheduler(self.scheduler, **self.scheduler_kwargs), self.parameterization)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        raw = json.loads(text)
+        raw["data_shape"] = tuple(raw["data_shape"])
+        return cls(**raw)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """Write a state dict as safetensors (contiguous copies, so shared storage is fine)."""
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+
+
+def save_model(model: torch.nn.Module, spec: ModelSpec, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(model, folder / WEIGHTS_FILE)
+    (folder / SPEC_FILE).write_text(spec.to_json())
+    return folder
+
+
+def load_model(folder: Path) -> Denoiser:
+    """Rebuild a model from a folder written by `save_model`, in eval mode."""
+    folder = Path(folder)
+    spec = ModelSpec.from_json((folder / SPEC_FILE).read_text())
+    model = spec.build()
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return model.eval()

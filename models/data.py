@@ -1,0 +1,342 @@
+"""Datasets as float32 arrays with fixed seeds and splits.
+
+Every loader returns :class:`Splits`: 2-D toy points of shape (N, 2), or images of
+shape (N, C, H, W) scaled to [-1, 1]. The same spec always gives byte-identical arrays,
+so downstream steps can hash them.
+
+Toy scales (fixed constants, never estimated from the sample, so every split shares one
+transform; each coordinate ends up with roughly zero mean and standard deviation near 1):
+
+- ``moons``: sklearn ``make_moons`` (noise 0.05), shifted by (0.5, 0.25) and divided by
+  (0.87, 0.50), its population mean and standard deviation.
+- ``eight_gaussians``: 8 modes evenly spaced on a circle of radius sqrt(2), std 0.1.
+- ``s_curve``: the (x, z) coordinates of sklearn ``make_s_curve`` (noise 0.05), divided
+  by (0.71, 1.39).
+- ``checkerboard``: uniform on the 8 dark squares of a 4 x 4 board covering [-2, 2]^2
+  (std about 1.15).
+- ``two_spirals``: two interleaved arms of 1.5 turns, noise 0.5, divided by 4.7.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+TOY_2D = ("moons", "eight_gaussians", "s_curve", "checkerboard", "two_spirals")
+IMAGE_BUILTIN = ("digits",)
+TORCHVISION = ("mnist", "cifar10")
+FILE_KINDS = ("npy", "image_folder")
+DATASETS = TOY_2D + IMAGE_BUILTIN + TORCHVISION + FILE_KINDS
+
+DEFAULT_TOY_TRAIN = 20_000
+DEFAULT_TOY_TEST = 10_000
+DEFAULT_DIGITS_TEST = 500
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be loaded as configured; the message is one line naming the cause."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What to load; a plain dataclass so ``models`` stays free of the config layer."""
+
+    name: str
+    n_train: int | None = None
+    n_test: int | None = None
+    path: str | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    download: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Splits:
+    """Train and test arrays of one dataset, plus integer labels where the dataset has them."""
+
+    train: np.ndarray
+    test: np.ndarray
+    kind: str
+    train_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- toys
+
+
+def _moons(n: int, seed: int) -> np.ndarray:
+    from sklearn.datasets import make_moons
+
+    points, _ = make_moons(n, noise=0.05, random_state=seed)
+    return (points - (0.5, 0.25)) / (0.87, 0.50)
+
+
+def _s_curve(n: int, seed: int) -> np.ndarray:
+    from sklearn.datasets import make_s_curve
+
+    points, _ = make_s_curve(n, noise=0.05, random_state=seed)
+    return points[:, [0, 2]] / (0.71, 1.39)
+
+
+def _eight_gaussians(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    angles = rng.integers(0, 8, n) * (np.pi / 4)
+    centres = np.sqrt(2.0) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return centres + 0.1 * rng.standard_normal((n, 2))
+
+
+def _checkerboard(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-2.0, 2.0, n)
+    # y falls in [-2, -1) or [0, 1), then moves up one row where floor(x) is odd,
+    # so floor(x) and floor(y) always share parity: the dark squares.
+    y = rng.uniform(0.0, 1.0, n) + 2.0 * rng.integers(0, 2, n) - 2.0 + np.floor(x) % 2
+    return np.stack([x, y], axis=1)
+
+
+def _two_spirals(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # sqrt spreads points evenly along the arm, whose length grows with the angle
+    angle = np.sqrt(rng.uniform(0.0, 1.0, n)) * 3.0 * np.pi
+    arm = np.stack([-np.cos(angle) * angle, np.sin(angle) * angle], axis=1)
+    sign = np.where(rng.integers(0, 2, n) == 0, 1.0, -1.0)[:, None]
+    return (sign * arm + 0.5 * rng.standard_normal((n, 2))) / 4.7
+
+
+_TOYS: dict[str, Callable[[int, int], np.ndarray]] = {
+    "moons": _moons,
+    "eight_gaussians": _eight_gaussians,
+    "s_curve": _s_curve,
+    "checkerboard": _checkerboard,
+    "two_spirals": _two_spirals,
+}
+
+
+def _load_toy(spec: DatasetSpec) -> Splits:
+    n_train = DEFAULT_TOY_TRAIN if spec.n_train is None else spec.n_train
+    n_test = DEFAULT_TOY_TEST if spec.n_test is None else spec.n_test
+    points = _TOYS[spec.name](n_train + n_test, spec.seed).astype(np.float32)
+    return Splits(train=points[:n_train], test=points[n_train:], kind="points")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _cap(n_wanted: int | None, n_available: int) -> int:
+    return n_available if n_wanted is None else min(n_wanted, n_available)
+
+
+def _split(
+    data: np.ndarray, spec: DatasetSpec, kind: str, labels: np.ndarray | None = None, default_test: int | None = None
+) -> Splits:
+    """Shuffle once with the spec's seed, take the test split first, cap the rest as train."""
+    n = len(data)
+    if default_test is None:
+        default_test = max(1, round(0.1 * n))
+    n_test = default_test if spec.n_test is None else spec.n_test
+    if not 0 < n_test < n:
+        raise DatasetError(f"dataset {spec.name}: n_test={n_test} must be between 1 and {n - 1} for {n} items")
+    order = np.random.default_rng(spec.seed).permutation(n)
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    train_idx = train_idx[: _cap(spec.n_train, len(train_idx))]
+    pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx].astype(np.int64))
+    return Splits(data[train_idx], data[test_idx], kind, pick(train_idx), pick(test_idx))
+
+
+def _uint8_to_unit(images: np.ndarray) -> np.ndarray:
+    return (images.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- builtin / files
+
+
+def _load_digits(spec: DatasetSpec) -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:, None] / 16.0 * 2.0 - 1.0).astype(np.float32)
+    return _split(images, spec, "images", digits.target, default_test=DEFAULT_DIGITS_TEST)
+
+
+def _require_path(spec: DatasetSpec) -> Path:
+    if not spec.path:
+        raise DatasetError(f"dataset.path is required for dataset {spec.name!r}")
+    return Path(spec.path)
+
+
+def _load_npy(spec: DatasetSpec) -> Splits:
+    path = _require_path(spec)
+    if not path.is_file():
+        raise DatasetError(f"dataset.path: {path} does not exist — expected a .npy file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise DatasetError(f"dataset.path: {path} is not a plain numeric .npy array ({err})") from err
+    expected = "expected (N, d) points or (N, H, W)/(N, C, H, W) images"
+    if array.ndim == 2:
+        return _split(array.astype(np.float32), spec, "points")
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4 or len(array) < 2:
+        raise DatasetError(f"dataset.path: {path} has shape {array.shape} — {expected}")
+    if array.shape[1] not in (1, 3):
+        raise DatasetError(f"dataset.path: {path} has shape {array.shape} — images need 1 or 3 channels first (N, C, H, W)")
+    if array.dtype == np.uint8:
+        images = _uint8_to_unit(array)
+    elif np.issubdtype(array.dtype, np.floating):
+        low, high = float(array.min()), float(array.max())
+        if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
+            raise DatasetError(
+                f"dataset.path: {path} float images span [{low:.3g}, {high:.3g}] — expected values in [-1, 1] (or uint8 0..255)"
+            )
+        images = array.astype(np.float32)
+    else:
+        raise DatasetError(f"dataset.path: {path} has dtype {array.dtype} — images must be uint8 0..255 or float in [-1, 1]")
+    return _split(images, spec, "images")
+
+
+def _read_image(file: Path, mode: str, size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(file) as img:
+        img = img.convert(mode)
+        if size is not None:
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _load_image_folder(spec: DatasetSpec) -> Splits:
+    from PIL import Image
+
+    folder = _require_path(spec)
+    if not folder.is_dir():
+        raise DatasetError(f"dataset.path: {folder} is not a folder — expected a folder of .png/.jpg/.jpeg images")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"dataset.path: {folder} holds no .png/.jpg/.jpeg images")
+    if spec.channels not in (None, 1, 3):
+        raise DatasetError(f"dataset.channels: {spec.channels} — expected 1 or 3")
+    if spec.channels is None:
+        grey = all(Image.open(f).mode in ("1", "L", "LA") for f in files)
+        mode = "L" if grey else "RGB"
+    else:
+        mode = "L" if spec.channels == 1 else "RGB"
+    images = [_read_image(f, mode, spec.image_size) for f in files]
+    for file, image in zip(files, images):
+        if image.shape != images[0].shape:
+            raise DatasetError(
+                f"dataset.path: {file} is {image.shape[2]}x{image.shape[1]} but {files[0].name} is "
+                f"{images[0].shape[2]}x{images[0].shape[1]} — set image_size to resize all images"
+            )
+    if len(images) < 2:
+        raise DatasetError(f"dataset.path: {folder} holds a single image — need at least 2 to split")
+    return _split(_uint8_to_unit(np.stack(images)), spec, "images")
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_arrays(spec: DatasetSpec, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Official split as uint8 (N, C, H, W) and int64 labels, through torchvision's own readers.
+
+    CIFAR-10's batches are Python pickles that torchvision unpickles; that is safe only because
+    torchvision first checks every file against the official md5 sums, so nothing but the
+    published CIFAR-10 files is ever unpickled.
+    """
+    from torchvision import datasets
+
+    root = _require_path(spec)
+    if spec.name == "mnist":
+        where = f"{root}/MNIST/raw (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*)"
+        factory = datasets.MNIST
+    else:
+        where = f"{root}/cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta with the official md5 sums)"
+        factory = datasets.CIFAR10
+    try:
+        dataset = factory(root=str(root), train=train, download=spec.download)
+    except (RuntimeError, OSError) as err:
+        hint = "the download failed" if spec.download else "`download: true` fetches them but needs internet"
+        raise DatasetError(f"dataset {spec.name}: files not found or corrupted in {where} — {hint} ({err})") from err
+    data = np.asarray(dataset.data, dtype=np.uint8)
+    images = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
+    return images, np.asarray(dataset.targets, dtype=np.int64)
+
+
+def _load_torchvision(spec: DatasetSpec) -> Splits:
+    rng = np.random.default_rng(spec.seed)
+    parts = []
+    for train, n_wanted in ((True, spec.n_train), (False, spec.n_test)):
+        images, labels = _torchvision_arrays(spec, train)
+        keep = np.sort(rng.permutation(len(images))[: _cap(n_wanted, len(images))])
+        parts.append((_uint8_to_unit(images[keep]), labels[keep]))
+    (train_x, train_y), (test_x, test_y) = parts
+    return Splits(train_x, test_x, "images", train_y, test_y)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_dataset(spec: DatasetSpec) -> Splits:
+    """Load the dataset a spec names; deterministic for a given spec."""
+    if spec.name in _TOYS:
+        return _load_toy(spec)
+    loaders: dict[str, Callable[[DatasetSpec], Splits]] = {
+        "digits": _load_digits,
+        "npy": _load_npy,
+        "image_folder": _load_image_folder,
+        "mnist": _load_torchvision,
+        "cifar10": _load_torchvision,
+    }
+    if spec.name not in loaders:
+        raise DatasetError(f"dataset.name: {spec.name!r} is unknown — expected one of {', '.join(DATASETS)}")
+    return loaders[spec.name](spec)
+
+
+def sample_standard_normal(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
+    """N(0, I) source samples of the given per-item shape, for flows that start from noise."""
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def data_shape(splits: Splits) -> tuple[int, ...]:
+    """Shape of one item: (d,) for points, (C, H, W) for images."""
+    return tuple(int(s) for s in splits.train.shape[1:])
+
+
+_ARRAY_FIELDS = ("train", "test", "train_labels", "test_labels")
+
+
+def save_splits(splits: Splits, folder: Path, spec: DatasetSpec | None = None) -> None:
+    """Write the arrays and a meta.json; byte-identical for identical inputs (no timestamps)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = {}
+    for field in _ARRAY_FIELDS:
+        array = getattr(splits, field)
+        if array is not None:
+            np.save(folder / f"{field}.npy", np.ascontiguousarray(array), allow_pickle=False)
+            shapes[field] = list(array.shape)
+    meta = {
+        "kind": splits.kind,
+        "name": None if spec is None else spec.name,
+        "shapes": shapes,
+        "spec": None if spec is None else asdict(spec),
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_splits(folder: Path) -> Splits:
+    """Read what :func:`save_splits` wrote; never unpickles."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = {
+        field: np.load(folder / f"{field}.npy", allow_pickle=False) if field in meta["shapes"] else None
+        for field in _ARRAY_FIELDS
+    }
+    return Splits(kind=meta["kind"], **arrays)

@@ -1,0 +1,106 @@
+"""What the network predicts, and how to translate between the possible choices.
+
+Every parameterization, together with ``x_t`` and the scheduler, pins down the pair
+``(x1_hat, eps_hat)`` (data and source estimates), because
+
+    x_t = alpha * x1 + sigma * eps,   v = d_alpha * x1 + d_sigma * eps,   score = -eps / sigma.
+
+So conversions go through that pair.  ``score`` assumes a standard normal source.
+
+Divisions that can hit zero at the ends of the path are clamped by ``EPS``:
+``sigma`` (zero at ``t = 1``) when recovering ``eps`` from ``x1`` or forming the score,
+``alpha`` (zero at ``t = 0``) when recovering ``x1`` from ``eps``/``score``, and the
+determinant ``alpha * d_sigma - sigma * d_alpha`` of the velocity system (sign kept).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.paths import Scheduler, SchedulerOutput, expand_like, time_batch
+
+PARAMETERIZATIONS = ("velocity", "epsilon", "x1", "score")
+EPS = 1e-5
+
+
+def _check(name: str) -> None:
+    if name not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown parameterization {name!r}; valid choices: {PARAMETERIZATIONS}")
+
+
+def _safe(d: Tensor) -> Tensor:
+    """Keep a denominator at least ``EPS`` away from zero without changing its sign."""
+    return torch.where(d >= 0, d.clamp(min=EPS), d.clamp(max=-EPS))
+
+
+def to_pivot(pred: Tensor, x_t: Tensor, s: SchedulerOutput, source: str) -> tuple[Tensor, Tensor]:
+    """Recover ``(x1_hat, eps_hat)`` from a prediction in the ``source`` parameterization."""
+    _check(source)
+    if source == "x1":
+        return pred, (x_t - s.alpha * pred) / _safe(s.sigma)
+    if source == "velocity":
+        det = _safe(s.alpha * s.d_sigma - s.sigma * s.d_alpha)
+        return (s.d_sigma * x_t - s.sigma * pred) / det, (s.alpha * pred - s.d_alpha * x_t) / det
+    eps = pred if source == "epsilon" else -s.sigma * pred
+    return (x_t - s.sigma * eps) / _safe(s.alpha), eps
+
+
+def from_pivot(x1: Tensor, eps: Tensor, s: SchedulerOutput, target: str) -> Tensor:
+    """Express the pair ``(x1, eps)`` in the ``target`` parameterization."""
+    _check(target)
+    if target == "x1":
+        return x1
+    if target == "epsilon":
+        return eps
+    if target == "velocity":
+        return s.d_alpha * x1 + s.d_sigma * eps
+    return -eps / _safe(s.sigma)
+
+
+def convert(
+    pred: Tensor, x_t: Tensor, t: Tensor, scheduler: Scheduler, source: str, target: str
+) -> Tensor:
+    """Translate a network output at ``(x_t, t)`` from ``source`` to ``target`` parameterization."""
+    _check(source)
+    _check(target)
+    if source == target:
+        return pred
+    s = scheduler(expand_like(time_batch(t, x_t), x_t))
+    return from_pivot(*to_pivot(pred, x_t, s, source), s, target)
+
+
+class Denoiser(nn.Module):
+    """A network ``net(x, t)`` together with what it predicts and on which path.
+
+    Samplers ask for the quantity they need (velocity for ODEs, score for SDEs) and
+    need not know how the network was trained.
+    """
+
+    def __init__(self, net: nn.Module, scheduler: Scheduler, parameterization: str = "velocity"):
+        super().__init__()
+        _check(parameterization)
+        self.net = net
+        self.scheduler = scheduler
+        self.parameterization = parameterization
+
+    def forward(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """Raw network output, in ``self.parameterization``."""
+        return self.net(x, time_batch(t, x))
+
+    def predict(self, x: Tensor, t: float | Tensor, target: str) -> Tensor:
+        """Network output converted to ``target``."""
+        t = time_batch(t, x)
+        return convert(self(x, t), x, t, self.scheduler, self.parameterization, target)
+
+    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
+        return self.predict(x, t, "velocity")
+
+    def epsilon(self, x: Tensor, t: float | Tensor) -> Tensor:
+        return self.predict(x, t, "epsilon")
+
+    def x1(self, x: Tensor, t: float | Tensor) -> Tensor:
+        return self.predict(x, t, "x1")
+
+    def score(self, x: Tensor, t: float | Tensor) -> Tensor:
+        return self.predict(x, t, "score")

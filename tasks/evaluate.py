@@ -1,0 +1,81 @@
+"""Score sample sets: exact W2 + MMD for point clouds, FID/KID for images.
+
+Image metrics go through torch-fidelity with a feature extractor of the project's
+own (a small network trained on the training split, versioned with DVC like the
+data), or Inception when a local weights file is configured. Every FID is
+reported next to `fid_floor`: the same protocol applied to real training images,
+i.e. what real data scores with this sample count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from models.data import Splits
+from models.features import fid_kid, save_classifier, train_feature_extractor
+from models.metrics import mmd_rbf, wasserstein2
+from tasks.config import RunConfig
+from tasks.data import publish, read_dataset, tracked_hash
+from tasks.infra import Ref, file_digest, home, short_hash, store
+
+W2_REFERENCE_POINTS = 10_000
+
+
+@task(name="feature-extractor", cache_policy=NO_CACHE)
+def feature_extractor(cfg: RunConfig, data: Ref) -> Ref | None:
+    """The FID feature network for this dataset: trained once per data hash, tracked by DVC."""
+    splits = read_dataset(data)
+    if splits.kind != "images":
+        return None
+    if cfg.evaluate.inception_weights:
+        path = home() / cfg.evaluate.inception_weights
+        return Ref("inception-weights", str(path), file_digest(path))
+    target = home() / "data" / "features" / f"{cfg.data.name}-{short_hash(data.hash, cfg.evaluate.feature_epochs, cfg.seed)}.safetensors"
+    digest = tracked_hash(target)
+    if digest is None:
+        model, info = train_feature_extractor(splits, seed=cfg.seed, epochs=cfg.evaluate.feature_epochs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        save_classifier(model, partial, meta={**info, "data_hash": data.hash})
+        digest = publish(partial, target)
+    return Ref("feature-extractor", str(target), digest, data.hash)
+
+
+def _reference(splits: Splits, cfg: RunConfig) -> np.ndarray:
+    limit = cfg.evaluate.n_reference or (W2_REFERENCE_POINTS if splits.kind == "points" else len(splits.test))
+    return splits.test[:limit]
+
+
+def _image_scores(x: np.ndarray, reference: np.ndarray, features: Ref, cfg: RunConfig, data: Ref) -> dict:
+    cache = f"gendag-{short_hash(data.hash, features.hash, len(reference))}"
+    return fid_kid(
+        x, reference, weights_path=features.path, reference_cache_name=cache,
+        cache_root=store() / "fidelity-cache", kid_subset_size=cfg.evaluate.kid_subset_size,
+    )
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref | None) -> dict[str, float]:
+    """Metrics named `<metric>@<setting>`, e.g. `fid@nfe=4`, `w2@adaptive`, plus the floor."""
+    splits = read_dataset(data)
+    reference = _reference(splits, cfg)
+    metrics: dict[str, float] = {}
+    n = cfg.sample.n_samples
+    if splits.kind == "images":
+        floor_set = splits.train[np.random.default_rng(cfg.seed).permutation(len(splits.train))[:n]]
+        floor = _image_scores(floor_set, reference, features, cfg, data)
+        metrics["fid_floor"], metrics["kid_floor"] = floor["fid"], floor["kid"]
+    for label, ref in samples.items():
+        with np.load(ref.path, allow_pickle=False) as f:
+            x, nfe = f["x"], f["nfe"]
+        if splits.kind == "points":
+            metrics[f"w2@{label}"] = wasserstein2(x, reference)
+            metrics[f"mmd@{label}"] = mmd_rbf(x, reference)
+        else:
+            scores = _image_scores(x, reference, features, cfg, data)
+            metrics[f"fid@{label}"], metrics[f"kid@{label}"] = scores["fid"], scores["kid"]
+        if label.startswith("adaptive"):
+            metrics[f"nfe@{label}"] = float(nfe.mean())
+    return metrics

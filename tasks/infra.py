@@ -1,0 +1,89 @@
+"""Where things live, and the embedded defaults for every service.
+
+Nothing here starts a server. Each service is embedded unless its standard
+variable points elsewhere:
+
+- Prefect: `PREFECT_API_URL` (unset -> a temporary local server under PREFECT_HOME)
+- Ray: `RAY_ADDRESS` (unset -> a local instance sized to this machine)
+- MLflow: `MLFLOW_TRACKING_URI` (unset -> SQLite file `mlflow.db` in the workspace)
+- DVC: `GENDAG_DVC_REMOTE` (unset -> a local folder in the workspace), used only when
+  the workspace's DVC repo has no default remote yet.
+
+The workspace is `GENDAG_HOME` (default: the current directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+    "DO_NOT_TRACK": "1",
+    "TQDM_DISABLE": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def home() -> Path:
+    return Path(os.environ.get("GENDAG_HOME", ".")).resolve()
+
+
+def store() -> Path:
+    """Private working area of gendag inside the workspace (runs, checkpoints, caches)."""
+    return home() / ".gendag"
+
+
+def configure_environment() -> None:
+    """Set embedded defaults before Prefect/Ray/MLflow are imported; user settings win."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(store() / "prefect"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{home() / 'mlflow.db'}")
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """Content hash of a folder: names and bytes of every file, in sorted order."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode())
+        h.update(file_digest(path).encode())
+    return h.hexdigest()
+
+
+def short_hash(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """What tasks pass each other: a file or folder, its content hash, and who made it."""
+
+    kind: str
+    uri: str
+    hash: str
+    config_hash: str = ""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.uri)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

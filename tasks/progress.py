@@ -1,0 +1,87 @@
+"""Progress of work running in Ray workers, shown as a rich progress bar in the driver.
+
+Workers push (step, total, loss, rate) to a small named actor; the driver polls it
+while it waits. This works the same on a local Ray and on a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import ray
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+@ray.remote(num_cpus=0)
+class _Board:
+    def __init__(self) -> None:
+        self.state: dict = {}
+
+    def update(self, step: int, total: int, loss: float, rate: float) -> None:
+        self.state = {"step": step, "total": total, "loss": loss, "rate": rate}
+
+    def read(self) -> dict:
+        return self.state
+
+
+class ProgressBoard:
+    """Handle to the named progress actor of one run."""
+
+    def __init__(self, name: str, actor) -> None:
+        self.name, self.actor = name, actor
+        self.update = actor.update
+
+    @classmethod
+    def create(cls, run: str) -> "ProgressBoard":
+        name = f"gendag-progress-{run}"
+        return cls(name, _Board.options(name=name, get_if_exists=True, lifetime="detached").remote())
+
+    @classmethod
+    def find(cls, name: str | None) -> "ProgressBoard | None":
+        if not name:
+            return None
+        try:
+            return cls(name, ray.get_actor(name))
+        except ValueError:
+            return None
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+@contextlib.contextmanager
+def track_progress(actor, description: str, total: int, poll: float = 0.5):
+    """Show a bar fed by `actor.read()` while the body runs (e.g. `trainer.fit()`)."""
+    done = threading.Event()
+    with progress_bar() as bar:
+        job = bar.add_task(description, total=total, info="starting workers")
+
+        def poll_board() -> None:
+            while not done.wait(poll):
+                try:
+                    s = ray.get(actor.read.remote(), timeout=5)
+                except Exception:
+                    continue
+                if s:
+                    bar.update(job, completed=s["step"], info=f"loss {s['loss']:.4f}  {s['rate']:.1f} it/s")
+
+        poller = threading.Thread(target=poll_board, daemon=True)
+        poller.start()
+        try:
+            yield
+        finally:
+            done.set()
+            poller.join()
+            try:
+                s = ray.get(actor.read.remote(), timeout=5)
+                if s:
+                    bar.update(job, completed=s["step"], info=f"loss {s['loss']:.4f}")
+            except Exception:
+                pass
+            ray.kill(actor)

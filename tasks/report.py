@@ -1,0 +1,145 @@
+"""Pictures and tables of a run, written to its report folder (and logged to MLflow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tasks.infra import Ref  # noqa: E402
+
+PRIMARY = {"images": "fid", "points": "w2"}
+
+
+def _load(ref: Ref) -> dict[str, np.ndarray]:
+    with np.load(ref.path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _image_tile(images: np.ndarray, cols: int = 8) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> one (rows*H, cols*W, C) picture in [0, 1]."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / cols)
+    canvas = np.ones((rows * (h + 1), cols * (w + 1), c), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        canvas[r * (h + 1): r * (h + 1) + h, k * (w + 1): k * (w + 1) + w] = (img.transpose(1, 2, 0) + 1) / 2
+    return np.clip(canvas, 0, 1)
+
+
+def _panels(count: int, size: float = 3.0):
+    cols = min(count, 4)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def sample_grid(samples: dict[str, Ref], reference: np.ndarray, path: Path, n: int = 64) -> Path:
+    sets = {"real (held out)": reference[:n], **{k: _load(v)["x"][:n] for k, v in samples.items()}}
+    fig, axes = _panels(len(sets))
+    for ax, (label, images) in zip(axes, sets.items()):
+        tile = _image_tile(images)
+        ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def scatter(samples: dict[str, Ref], reference: np.ndarray, path: Path, n: int = 2000) -> Path:
+    fig, axes = _panels(len(samples) + 1)
+    sets = {"real (held out)": reference[:n], **{k: _load(v)["x"][:n] for k, v in samples.items()}}
+    lim = np.abs(reference).max() * 1.3
+    for ax, (label, pts) in zip(axes, sets.items()):
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
+        ax.set(title=label, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+        ax.title.set_fontsize(9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def trajectories(sample: Ref, label: str, path: Path) -> Path | None:
+    data = _load(sample)
+    if "trajectory" not in data:
+        return None
+    traj = data["trajectory"]  # (steps, n, 2)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for i in range(traj.shape[1]):
+        ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.4, alpha=0.4, color="tab:gray")
+    ax.scatter(traj[0, :, 0], traj[0, :, 1], s=4, color="tab:blue", label="source (t=0)")
+    ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=4, color="tab:red", label="sample (t=1)")
+    ax.set(title=f"trajectories, {label}", aspect="equal")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def quality_vs_nfe(metrics: dict[str, float], kind: str, path: Path) -> Path:
+    name = PRIMARY[kind]
+    fixed = sorted(
+        (int(m.group(1)), v) for k, v in metrics.items() if (m := re.fullmatch(rf"{name}@nfe=(\d+)", k))
+    )
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if fixed:
+        ax.plot(*zip(*fixed), "o-", label="fixed-step solver")
+    if f"{name}@adaptive" in metrics:
+        ax.plot([metrics.get("nfe@adaptive", 0)], [metrics[f"{name}@adaptive"]], "s", label="adaptive (dopri5)")
+    if f"{name}_floor" in metrics:
+        ax.axhline(metrics[f"{name}_floor"], ls="--", color="gray", label="real data (floor)")
+    ax.set(xscale="log", yscale="log", xlabel="function evaluations (NFE)", ylabel=name.upper())
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def loss_curve(model: Ref, path: Path) -> Path:
+    losses = json.loads((model.path / "state.json").read_text())["losses"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(*zip(*losses))
+    ax.set(xlabel="step", ylabel="training loss", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def metrics_table(metrics: dict[str, float], path: Path) -> Path:
+    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np.ndarray,
+                 metrics: dict[str, float], model: Ref) -> list[Path]:
+    """Every picture and table of a run; returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [
+        quality_vs_nfe(metrics, kind, folder / "quality_vs_nfe.png"),
+        loss_curve(model, folder / "loss.png"),
+        metrics_table(metrics, folder / "metrics.md"),
+    ]
+    if kind == "images":
+        files.append(sample_grid(samples, reference, folder / "samples.png"))
+    else:
+        files.append(scatter(samples, reference, folder / "scatter.png"))
+        fixed = [k for k in samples if k.startswith("nfe=") and "untrained" not in k]
+        best = max(fixed, key=lambda k: int(k.split("=")[1])) if fixed else next(iter(samples))
+        files.append(trajectories(samples[best], best, folder / "trajectories.png"))
+    return [f for f in files if f]
