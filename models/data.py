@@ -20,7 +20,7 @@ transform; each coordinate ends up with roughly zero mean and standard deviation
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +65,7 @@ class Splits:
     kind: str
     train_labels: np.ndarray | None = None
     test_labels: np.ndarray | None = None
+    spec: DatasetSpec | None = None
 
 
 # --------------------------------------------------------------------------- toys
@@ -145,8 +146,10 @@ def _split(
     order = np.random.default_rng(spec.seed).permutation(n)
     test_idx, train_idx = order[:n_test], order[n_test:]
     train_idx = train_idx[: _cap(spec.n_train, len(train_idx))]
-    pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx].astype(np.int64))
-    return Splits(data[train_idx], data[test_idx], kind, pick(train_idx), pick(test_idx))
+    if labels is None:
+        return Splits(data[train_idx], data[test_idx], kind)
+    labels = labels.astype(np.int64)
+    return Splits(data[train_idx], data[test_idx], kind, labels[train_idx], labels[test_idx])
 
 
 def _uint8_to_unit(images: np.ndarray) -> np.ndarray:
@@ -186,19 +189,30 @@ def _load_npy(spec: DatasetSpec) -> Splits:
     if array.ndim != 4 or len(array) < 2:
         raise DatasetError(f"dataset.path: {path} has shape {array.shape} — {expected}")
     if array.shape[1] not in (1, 3):
-        raise DatasetError(f"dataset.path: {path} has shape {array.shape} — images need 1 or 3 channels first (N, C, H, W)")
+        raise DatasetError(
+            f"dataset.path: {path} has shape {array.shape} — images need 1 or 3 channels first: (N, C, H, W)"
+        )
     if array.dtype == np.uint8:
         images = _uint8_to_unit(array)
     elif np.issubdtype(array.dtype, np.floating):
         low, high = float(array.min()), float(array.max())
         if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
             raise DatasetError(
-                f"dataset.path: {path} float images span [{low:.3g}, {high:.3g}] — expected values in [-1, 1] (or uint8 0..255)"
+                f"dataset.path: {path} float images span [{low:.3g}, {high:.3g}] — expected [-1, 1] or uint8"
             )
         images = array.astype(np.float32)
     else:
-        raise DatasetError(f"dataset.path: {path} has dtype {array.dtype} — images must be uint8 0..255 or float in [-1, 1]")
+        raise DatasetError(
+            f"dataset.path: {path} has dtype {array.dtype} — images must be uint8 0..255 or floats in [-1, 1]"
+        )
     return _split(images, spec, "images")
+
+
+def _image_mode(file: Path) -> str:
+    from PIL import Image
+
+    with Image.open(file) as img:
+        return img.mode
 
 
 def _read_image(file: Path, mode: str, size: int | None) -> np.ndarray:
@@ -213,8 +227,6 @@ def _read_image(file: Path, mode: str, size: int | None) -> np.ndarray:
 
 
 def _load_image_folder(spec: DatasetSpec) -> Splits:
-    from PIL import Image
-
     folder = _require_path(spec)
     if not folder.is_dir():
         raise DatasetError(f"dataset.path: {folder} is not a folder — expected a folder of .png/.jpg/.jpeg images")
@@ -224,8 +236,7 @@ def _load_image_folder(spec: DatasetSpec) -> Splits:
     if spec.channels not in (None, 1, 3):
         raise DatasetError(f"dataset.channels: {spec.channels} — expected 1 or 3")
     if spec.channels is None:
-        grey = all(Image.open(f).mode in ("1", "L", "LA") for f in files)
-        mode = "L" if grey else "RGB"
+        mode = "L" if all(_image_mode(f) in ("1", "L", "LA") for f in files) else "RGB"
     else:
         mode = "L" if spec.channels == 1 else "RGB"
     images = [_read_image(f, mode, spec.image_size) for f in files]
@@ -283,20 +294,21 @@ def _load_torchvision(spec: DatasetSpec) -> Splits:
 # --------------------------------------------------------------------------- public API
 
 
+_LOADERS: dict[str, Callable[[DatasetSpec], Splits]] = {
+    **{name: _load_toy for name in TOY_2D},
+    "digits": _load_digits,
+    "mnist": _load_torchvision,
+    "cifar10": _load_torchvision,
+    "npy": _load_npy,
+    "image_folder": _load_image_folder,
+}
+
+
 def load_dataset(spec: DatasetSpec) -> Splits:
     """Load the dataset a spec names; deterministic for a given spec."""
-    if spec.name in _TOYS:
-        return _load_toy(spec)
-    loaders: dict[str, Callable[[DatasetSpec], Splits]] = {
-        "digits": _load_digits,
-        "npy": _load_npy,
-        "image_folder": _load_image_folder,
-        "mnist": _load_torchvision,
-        "cifar10": _load_torchvision,
-    }
-    if spec.name not in loaders:
+    if spec.name not in _LOADERS:
         raise DatasetError(f"dataset.name: {spec.name!r} is unknown — expected one of {', '.join(DATASETS)}")
-    return loaders[spec.name](spec)
+    return replace(_LOADERS[spec.name](spec), spec=spec)
 
 
 def sample_standard_normal(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
@@ -312,7 +324,7 @@ def data_shape(splits: Splits) -> tuple[int, ...]:
 _ARRAY_FIELDS = ("train", "test", "train_labels", "test_labels")
 
 
-def save_splits(splits: Splits, folder: Path, spec: DatasetSpec | None = None) -> None:
+def save_splits(splits: Splits, folder: Path) -> None:
     """Write the arrays and a meta.json; byte-identical for identical inputs (no timestamps)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -322,6 +334,7 @@ def save_splits(splits: Splits, folder: Path, spec: DatasetSpec | None = None) -
         if array is not None:
             np.save(folder / f"{field}.npy", np.ascontiguousarray(array), allow_pickle=False)
             shapes[field] = list(array.shape)
+    spec = splits.spec
     meta = {
         "kind": splits.kind,
         "name": None if spec is None else spec.name,
@@ -339,4 +352,5 @@ def load_splits(folder: Path) -> Splits:
         field: np.load(folder / f"{field}.npy", allow_pickle=False) if field in meta["shapes"] else None
         for field in _ARRAY_FIELDS
     }
-    return Splits(kind=meta["kind"], **arrays)
+    spec = None if meta["spec"] is None else DatasetSpec(**meta["spec"])
+    return Splits(kind=meta["kind"], spec=spec, **arrays)

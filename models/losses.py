@@ -36,8 +36,12 @@ def flow_matching_loss(
     x1: Tensor,
     t: Tensor | None = None,
     generator: torch.Generator | None = None,
+    parameterization: str | None = None,
 ) -> Tensor:
     """Conditional flow matching: mean squared error to the conditional target.
+
+    ``model`` may be a wrapper (e.g. DistributedDataParallel) of a ``Denoiser``; then
+    pass the wrapped model's ``parameterization``.
 
     Its minimiser is the marginal quantity (e.g. the marginal velocity) because the
     conditional target is an unbiased estimate of it given ``x_t``.
@@ -45,5 +49,5 @@ def flow_matching_loss(
     if t is None:
         t = sample_time(x1.shape[0], x1, generator)
     sample = path.sample(x0, x1, t)
-    target = target_for(model.parameterization, sample, path.scheduler)
+    target = target_for(parameterization or model.parameterization, sample, path.scheduler)
     return F.mse_loss(model(sample.x_t, sample.t), target)

@@ -1,4 +1,7 @@
-"""Time-conditioned networks ``net(x, t) -> tensor shaped like x`` (``t`` of shape ``(B,)`` in [0, 1])."""
+"""Time-conditioned networks.
+
+Each maps ``(x, t)``, with ``t`` of shape ``(B,)`` in [0, 1], to a tensor shaped like ``x``.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,10 @@ class SinusoidalTimeEmbedding(nn.Module):
 
 def _time_mlp(time_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        SinusoidalTimeEmbedding(time_dim), nn.Linear(time_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
+        SinusoidalTimeEmbedding(time_dim),
+        nn.Linear(time_dim, out_dim),
+        nn.SiLU(),
+        nn.Linear(out_dim, out_dim),
     )
 
 
@@ -112,7 +118,8 @@ class UNet(nn.Module):
 
         def blocks(c_first: int, c: int) -> nn.ModuleList:
             widths = [c_first] + [c] * num_res_blocks
-            return nn.ModuleList(ResBlock(a, b, time_dim, groups, dropout) for a, b in zip(widths[:-1], widths[1:]))
+            pairs = zip(widths[:-1], widths[1:])
+            return nn.ModuleList(ResBlock(a, b, time_dim, groups, dropout) for a, b in pairs)
 
         self.time = _time_mlp(time_dim, time_dim)
         self.stem = nn.Conv2d(in_channels, chans[0], 3, padding=1)
@@ -121,7 +128,9 @@ class UNet(nn.Module):
         self.mid = ResBlock(chans[-1], chans[-1], time_dim, groups, dropout)
         rev = chans[::-1]
         self.up = nn.ModuleList(blocks(c_deep + c, c) for c_deep, c in zip(rev[:1] + rev[:-1], rev))
-        self.out = nn.Sequential(nn.GroupNorm(groups, chans[0]), nn.SiLU(), nn.Conv2d(chans[0], in_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            nn.GroupNorm(groups, chans[0]), nn.SiLU(), nn.Conv2d(chans[0], in_channels, 3, padding=1)
+        )
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

@@ -147,7 +147,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    register: RegisterConfig = RegisterConfig()
+    registry: RegisterConfig = RegisterConfig()
 
     @field_validator("name")
     @classmethod
@@ -158,7 +158,7 @@ class RunConfig(Strict):
 
     @property
     def model_name(self) -> str:
-        return self.register.model_name or f"gendag-{self.name}"
+        return self.registry.model_name or f"gendag-{self.name}"
 
     def digest(self) -> str:
         """Content hash of everything that changes the numbers (the config hash in lineage)."""
@@ -185,14 +185,33 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
+def _section(loc: tuple) -> type[BaseModel] | None:
+    """The config class that owns the key at `loc` (to list its valid keys)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        annotation = getattr(annotation, "__args__", (annotation,))[0]  # list[X] -> X
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "literal_error":
-        msg = f"got {first['input']!r}; {msg.lower()}"
-    elif first["type"] == "extra_forbidden":
-        msg = "unknown key"
+    if first["type"] == "extra_forbidden":
+        section = _section(first["loc"])
+        valid = f"; valid keys: {', '.join(section.model_fields)}" if section else ""
+        return f"{where}: unknown key{valid}"
+    if first["type"] == "missing":
+        return f"{where}: required key is missing"
+    if not first["type"].startswith("value_error"):
+        msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
     return f"{where}: {msg}"
 
 

@@ -7,6 +7,7 @@ on the primary metric (lower is better) or when there is none yet.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig
-from tasks.infra import Ref
+from tasks.infra import Ref, home
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,13 +57,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str, float],
              report_files: list[Path], lineage: dict[str, str]) -> dict:
     """Log params, config, metrics, lineage, plots and the model; register a version."""
-    import json
 
     import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    mlflow.set_experiment(cfg.register.experiment)
+    _use_experiment(client, cfg.registry.experiment)
     losses = json.loads((model.path / "state.json").read_text())["losses"]
     score_name, score = primary_score(metrics, kind)
     tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **lineage}
@@ -85,11 +85,11 @@ def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description=f"gendag {cfg.graph} models")
     version = client.create_model_version(name, source=source, run_id=run_id, tags={**tags, score_name: str(score)})
-    client.set_registered_model_alias(name, cfg.register.alias, version.version)
-    aliases = [cfg.register.alias]
-    if _beats_champion(client, name, cfg.register.champion_alias, score_name, score):
-        client.set_registered_model_alias(name, cfg.register.champion_alias, version.version)
-        aliases.append(cfg.register.champion_alias)
+    client.set_registered_model_alias(name, cfg.registry.alias, version.version)
+    aliases = [cfg.registry.alias]
+    if _beats_champion(client, name, cfg.registry.champion_alias, score_name, score):
+        client.set_registered_model_alias(name, cfg.registry.champion_alias, version.version)
+        aliases.append(cfg.registry.champion_alias)
     return {"run_id": run_id, "name": name, "version": int(version.version), "aliases": aliases,
             score_name: score}
 
@@ -103,3 +103,13 @@ def _beats_champion(client, name: str, alias: str, score_name: str, score: float
         return True
     current = client.get_run(champion.run_id).data.metrics.get(score_name)
     return current is None or score < current
+
+
+def _use_experiment(client, name: str) -> None:
+    """Select the experiment; with a local SQLite store, keep artifacts in the workspace."""
+    import mlflow
+
+    if client.get_experiment_by_name(name) is None:
+        local = mlflow.get_tracking_uri().startswith("sqlite:")
+        client.create_experiment(name, artifact_location=(home() / "mlartifacts").as_uri() if local else None)
+    mlflow.set_experiment(name)

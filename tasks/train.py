@@ -73,7 +73,7 @@ def train_worker(config: dict) -> None:
     model = spec.build()
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    state = {"step": 0, "losses": []}
+    state = {"step": 0, "losses": [], "resumed_from": []}
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -82,6 +82,7 @@ def train_worker(config: dict) -> None:
             ema.load_state_dict(load_file(str(Path(d) / EMA_FILE)))
             optimizer.load_state_dict(torch.load(Path(d) / OPTIMIZER_FILE, weights_only=True))
             state = json.loads((Path(d) / STATE_FILE).read_text())
+        state["resumed_from"] = state.get("resumed_from", []) + [state["step"]]
 
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     path = GaussianPath(model.scheduler)

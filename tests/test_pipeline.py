@@ -1,0 +1,132 @@
+"""The whole flow-matching graph at tiny scale through real Prefect, Ray Train, DVC,
+torch-fidelity and MLflow, driven through the `gendag` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+pytestmark = pytest.mark.integration
+MOONS = ["run", "flow-matching", "-c", "flow-matching/gaussians-to-moons", "--scale", "tiny"]
+DIGITS = ["run", "flow-matching", "-c", "flow-matching/digits", "--scale", "tiny"]
+
+
+def gendag(*args: str) -> dict:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def moons(workspace: Path) -> dict:
+    return gendag(*MOONS, "--out", str(workspace / "runs" / "moons"))
+
+
+def test_summary_has_metrics_and_lineage(moons: dict) -> None:
+    for key in ("graph", "dataset", "data_hash", "config_hash", "metrics", "mlflow_run_id",
+                "registered_model", "prefect_flow_run_id"):
+        assert key in moons
+    metrics = moons["metrics"]
+    assert {"w2@nfe=1", "w2@nfe=4", "w2@adaptive", "mmd@nfe=4", "nfe@adaptive"} <= set(metrics)
+    assert metrics["nfe@adaptive"] > 4
+    # trained beats the same network at initialization by a wide margin
+    assert metrics["w2@nfe=4"] < 0.5 * metrics["w2@nfe=4,untrained"]
+
+
+def test_registry_entry_and_lineage_tags(moons: dict, workspace: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    reg = moons["registered_model"]
+    assert set(reg["aliases"]) == {"challenger", "champion"}
+    version = client.get_model_version_by_alias(reg["name"], "champion")
+    assert int(version.version) == reg["version"] and version.run_id == moons["mlflow_run_id"]
+    run = client.get_run(moons["mlflow_run_id"])
+    tags = run.data.tags
+    assert tags["gendag.data_hash"] == moons["data_hash"]
+    assert tags["gendag.config_hash"] == moons["config_hash"]
+    assert tags["gendag.prefect_flow_run_id"] == moons["prefect_flow_run_id"]
+    assert len(tags["gendag.git_commit"]) >= 7
+    assert run.data.metrics["w2/nfe_4"] == pytest.approx(moons["metrics"]["w2@nfe=4"])
+    artifacts = {a.path for d in ("model", "report") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"model/model.safetensors", "model/model.json", "report/scatter.png",
+            "report/trajectories.png", "report/quality_vs_nfe.png"} <= artifacts
+    # the stored model loads without pickle and is the one the run produced
+    local = client.download_artifacts(run.info.run_id, "model/model.safetensors", str(workspace / "dl"))
+    assert load_file(local)
+
+
+def test_dataset_is_dvc_tracked_and_pushed(moons: dict, workspace: Path) -> None:
+    dvc_files = list((workspace / "data").glob("moons-*.dvc"))
+    assert dvc_files and moons["data_hash"] in dvc_files[0].read_text()
+    remote = workspace / ".gendag" / "dvc-remote"
+    assert any(p.is_file() for p in remote.rglob("*"))
+
+
+def test_prefect_recorded_the_flow_run(moons: dict) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(moons["prefect_flow_run_id"])
+    assert run.state.is_completed()
+    assert run.name and run.flow_id
+
+
+def test_killed_training_resumes_and_same_seed_gives_same_numbers(moons: dict, workspace: Path) -> None:
+    """Kill a run after its first checkpoint, rerun it: it resumes, and it ends bit-identical
+    to the uninterrupted run with the same seed (only the run name differs)."""
+    args = [*MOONS, "--set", "name=fm-resume", "--out", str(workspace / "runs" / "resume")]
+    env = {**os.environ, "PREFECT_HOME": str(workspace / "prefect-child")}
+    child = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=workspace,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ray_runs = workspace / ".gendag" / "ray"
+    deadline = time.time() + 240
+    while not list(ray_runs.glob("fm-resume-*/checkpoint_*")) and time.time() < deadline:
+        assert child.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not list((workspace / ".gendag" / "models").glob("fm-resume-*")), "training finished before the kill"
+
+    resumed = gendag(*args)
+    state = json.loads(next((workspace / ".gendag" / "models").glob("fm-resume-*/state.json")).read_text())
+    assert state["resumed_from"] and state["resumed_from"][0] > 0
+    assert resumed["metrics"] == moons["metrics"]
+    weights = [load_file(str(next((workspace / ".gendag" / "models").glob(f"{n}-*/model.safetensors"))))
+               for n in ("fm-resume", "fm-8gaussians-to-moons")]
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+
+
+def test_digits_fid_kid_with_floor(workspace: Path) -> None:
+    summary = gendag(*DIGITS, "--out", str(workspace / "runs" / "digits"))
+    metrics = summary["metrics"]
+    assert {"fid@nfe=1", "fid@nfe=4", "fid@adaptive", "kid@nfe=4", "fid_floor", "kid_floor"} <= set(metrics)
+    assert 0 <= metrics["fid_floor"] < metrics["fid@nfe=4,untrained"]
+    assert list((workspace / "data" / "features").glob("*.safetensors.dvc"))
+    assert (workspace / "runs" / "digits" / "report" / "samples.png").stat().st_size > 0
+
+
+def test_bad_config_is_one_line_and_registers_nothing(moons: dict, workspace: Path) -> None:
+    from mlflow import MlflowClient
+
+    before = len(MlflowClient().search_model_versions())
+    for bad, needle in ((["--set", "train.stepz=3"], "train.stepz: unknown key"),
+                        (["--set", "model.network=resnet"], "model.network: got 'resnet'"),
+                        (["--scale", "huge"], "--scale 'huge'")):
+        result = CliRunner().invoke(app, [*MOONS, *bad, "--out", str(workspace / "runs" / "bad")])
+        assert result.exit_code == 2
+        assert needle in result.output and len(result.output.strip().splitlines()) == 1
+    assert len(MlflowClient().search_model_versions()) == before
+    assert not (workspace / "runs" / "bad").exists()
