@@ -120,10 +120,13 @@ _TOYS: dict[str, Callable[[int, int], np.ndarray]] = {
 
 
 def _load_toy(spec: DatasetSpec) -> Splits:
+    """Train and test come from two seeds derived from spec.seed, so the held-out set stays
+    the same whatever n_train is."""
     n_train = DEFAULT_TOY_TRAIN if spec.n_train is None else spec.n_train
     n_test = DEFAULT_TOY_TEST if spec.n_test is None else spec.n_test
-    points = _TOYS[spec.name](n_train + n_test, spec.seed).astype(np.float32)
-    return Splits(train=points[:n_train], test=points[n_train:], kind="points")
+    train_seed, test_seed = (int(s) for s in np.random.SeedSequence(spec.seed).generate_state(2))
+    draw = _TOYS[spec.name]
+    return Splits(draw(n_train, train_seed).astype(np.float32), draw(n_test, test_seed).astype(np.float32), "points")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -273,8 +276,11 @@ def _torchvision_arrays(spec: DatasetSpec, train: bool) -> tuple[np.ndarray, np.
     try:
         dataset = factory(root=str(root), train=train, download=spec.download)
     except (RuntimeError, OSError) as err:
-        hint = "the download failed" if spec.download else "`download: true` fetches them but needs internet"
-        raise DatasetError(f"dataset {spec.name}: files not found or corrupted in {where} — {hint} ({err})") from err
+        if spec.download:
+            hint = f"the download failed: {' '.join(str(err).split())}"
+        else:
+            hint = "`download: true` fetches them but needs internet"
+        raise DatasetError(f"dataset {spec.name}: files not found or corrupted in {where} — {hint}") from err
     data = np.asarray(dataset.data, dtype=np.uint8)
     images = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
     return images, np.asarray(dataset.targets, dtype=np.int64)
