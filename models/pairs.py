@@ -2,16 +2,23 @@
 
 Each batch is a pure function of (seed, rank, step): resuming at step k draws the
 same batches an uninterrupted run would, with no random state to checkpoint, and
-batches can be prepared ahead of time in a background thread. That thread is what
-takes minibatch-OT plans off the training step's critical path (POT's solver
-releases the GIL, so the plan for step k+1 is solved while step k trains).
+batches can be prepared ahead of time in background threads. Those threads are what
+take minibatch-OT plans off the training step's critical path: POT's network simplex
+(`ot.emd`) releases the GIL, so the plan for step k+1 is solved while step k trains,
+and with `workers > 1` several plans are solved at once, on as many cores. A plan
+can cost more than a training step (exact OT at batch 512 costs several steps of a
+small MLP), so one thread alone cannot keep up; since a batch is a pure function of
+its step, it is the same whichever thread builds it, and batches are handed out in
+step order.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +65,19 @@ class PairSampler:
         x0, x1 = self.coupling(x0, x1)
         return Batch(step, x0, x1, t)
 
-    def stream(self, start: int, stop: int, prefetch: int = 2) -> Iterator[Batch]:
-        """Batches for steps start..stop-1; with prefetch > 0 they are built in a thread ahead."""
+    def stream(self, start: int, stop: int, prefetch: int = 2, workers: int = 1) -> Iterator[Batch]:
+        """Batches for steps start..stop-1, in order.
+
+        With ``prefetch > 0`` they are built ahead in background threads: one thread
+        (``workers=1``, the default) keeps up to ``prefetch`` batches ready; ``workers > 1``
+        threads build up to ``max(prefetch, workers)`` batches concurrently. The batches
+        are identical in every case (each is ``self.batch(step)``).
+        """
         if prefetch <= 0:
             yield from (self.batch(s) for s in range(start, stop))
+            return
+        if workers > 1:
+            yield from self._pooled(start, stop, max(prefetch, workers), workers)
             return
         ready: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=prefetch)
         stopped = threading.Event()
@@ -87,3 +103,22 @@ class PairSampler:
             stopped.set()
             while not ready.empty():
                 ready.get_nowait()
+
+    def _pooled(self, start: int, stop: int, ahead: int, workers: int) -> Iterator[Batch]:
+        """`workers` threads build batches concurrently, `ahead` steps in advance; yielded in step order."""
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pairs")
+        pending: deque[Future] = deque()
+        steps = iter(range(start, stop))
+        try:
+            for s in steps:
+                pending.append(pool.submit(self.batch, s))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                batch = pending.popleft().result()  # re-raises a worker's error here
+                s = next(steps, None)
+                if s is not None:
+                    pending.append(pool.submit(self.batch, s))
+                yield batch
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)

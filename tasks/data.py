@@ -8,6 +8,7 @@ pushed to the default remote. DVC is only ever called from the driver process
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -23,6 +24,7 @@ from tasks.config import DataConfig
 from tasks.infra import Ref, home, short_hash, store
 
 _DVC_LOCK = threading.Lock()
+logging.getLogger("dvc").setLevel(logging.WARNING)  # its git hints are noise here
 
 
 def dvc_repo():

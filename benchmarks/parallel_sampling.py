@@ -1,0 +1,125 @@
+"""(a) Parallel sampling: the same sample sets with 1 then 2 Ray sampling actors.
+
+What is sampled: the digits config's UNet (base 16, mults [1, 2], 1 res block, 8x8
+images), freshly initialised (seed 0; its zero-initialised output conv is given small
+random weights so the field is not zero) and written with `models.checkpoint.save_model`;
+the digits config's whole sampling grid (Euler NFE 1, 2, 4, 8, 16, 100, dopri5 at
+atol = rtol = 1e-4, and the untrained baseline at Euler NFE 100) for `--samples`
+samples in shards of 125, through `tasks.sample`'s `SamplerActor`, `_shards` and a
+`ray.util.ActorPool` exactly as the `sample` task drives them.
+
+Wall time counts from creating the actors (so actor start-up: a new worker process,
+imports, model load) to the last shard; Ray itself is started once before. Runs
+alternate 1, 2, 2, 1, ... workers and the speed-up is the median over pairs. Every
+shard's samples (and reported NFE) must be bit-identical between 1 and 2 workers:
+the script asserts it.
+
+    .venv/bin/python benchmarks/parallel_sampling.py [--quick] [--samples N] [--pairs K]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C  # noqa: I001
+import numpy as np
+import ray
+import torch
+
+from models.checkpoint import ModelSpec, save_model
+from tasks.runtime import ensure_ray
+from tasks.sample import Setting, SamplerActor, _shards
+
+TARGET = "speed-up (1 worker wall / 2 workers wall) >= 1.8x on 2 cores"
+SPEC = ModelSpec("unet", (1, 8, 8), network_kwargs={"base_channels": 16, "channel_mults": [1, 2],
+                                                     "num_res_blocks": 1, "groups": 4})
+GRID = [Setting("euler", n) for n in (1, 2, 4, 8, 16, 100)] + [
+    Setting("dopri5", None, 1e-4, 1e-4), Setting("euler", 100, untrained=True)]
+SHARD = 125
+SEED = 0
+
+
+def make_model(folder: Path) -> str:
+    torch.manual_seed(SEED)
+    model = SPEC.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.02)
+    save_model(model, SPEC, folder)
+    return str(folder)
+
+
+def run(model_dir: str, workers: int, n_samples: int) -> tuple[float, float, dict]:
+    """Sample the grid with `workers` actors; returns (wall s, actor start-up s, results)."""
+    start = time.perf_counter()
+    actors = [SamplerActor.remote(model_dir, SEED, None) for _ in range(workers)]
+    ray.get([a.__ray_ready__.remote() for a in actors])
+    ready = time.perf_counter() - start
+    jobs = [(s, i, n) for s in GRID for i, n in _shards(n_samples, SHARD)]
+    pool = ray.util.ActorPool(actors)
+    results = {}
+    for res in pool.map_unordered(lambda a, j: a.run.remote(j[0], j[1], j[2], SEED, 0), jobs):
+        results[(res["label"], res["shard"])] = (res["x"], res["nfe"])
+    wall = time.perf_counter() - start
+    for a in actors:
+        ray.kill(a)
+    return wall, ready, results
+
+
+def main() -> None:
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=None, help="samples per grid setting (default 1500)")
+    p.add_argument("--pairs", type=int, default=None, help="(1-worker, 2-worker) pairs to time (default 2)")
+    args = p.parse_args()
+    n_samples = args.samples or (250 if args.quick else 1500)
+    pairs = args.pairs or (1 if args.quick else 2)
+    print(f"machine before: {C.uptime()}")
+    t = time.perf_counter()
+    ensure_ray()
+    ray_start = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = make_model(Path(d) / "model")
+        run(model_dir, 2, 2 * SHARD)  # warm-up: worker processes, file caches
+        times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+        reference = None
+        order = [w for k in range(pairs) for w in ((1, 2) if k % 2 == 0 else (2, 1))]
+        for workers in order:
+            wall, ready, results = run(model_dir, workers, n_samples)
+            print(f"  {workers} worker(s): {wall:.2f} s (actors ready after {ready:.2f} s)   {C.uptime()}")
+            times[workers].append((wall, ready))
+            if reference is None:
+                reference = results
+            else:
+                assert results.keys() == reference.keys()
+                for key, (x, nfe) in results.items():
+                    assert np.array_equal(x, reference[key][0]) and nfe == reference[key][1], \
+                        f"samples differ between worker counts at {key}"
+    ratios = [a[0] / b[0] for a, b in zip(times[1], times[2])]
+    sampling_ratios = [(a[0] - a[1]) / (b[0] - b[1]) for a, b in zip(times[1], times[2])]
+    shards = len(_shards(n_samples, SHARD))
+    nfe_per_shard = {s.label: int(np.mean([reference[(s.label, i)][1] for i in range(shards)])) for s in GRID}
+    rows = [[w, len(times[w]), C.median([x[0] for x in times[w]]), C.median([x[1] for x in times[w]])]
+            for w in (1, 2)]
+    C.print_table("wall time of the whole grid (median of runs)",
+                  ["workers", "runs", "wall s", "actor start-up s"], rows)
+    print(f"\n  work: {len(GRID)} settings x {shards} shards of {SHARD} 8x8 images; NFE per shard {nfe_per_shard}")
+    print(f"  all {len(reference)} shards identical for 1 and 2 workers: yes (asserted)")
+    summary = {
+        "speed-up (incl. actor start-up)": round(C.median(ratios), 3),
+        "speed-up (sampling only)": round(C.median(sampling_ratios), 3),
+        "1 worker s": round(rows[0][2], 2), "2 workers s": round(rows[1][2], 2),
+        "identical": True,
+        "pass": C.median(ratios) >= 1.8,
+    }
+    C.finish(args, "a_parallel_sampling", TARGET, summary, {
+        "times": times, "ratios": ratios, "sampling_ratios": sampling_ratios, "ray_start_s": ray_start,
+        "n_samples_per_setting": n_samples, "shard": SHARD, "nfe_per_shard": nfe_per_shard,
+    })
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
