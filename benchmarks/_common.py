@@ -68,7 +68,7 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
     for k, r in enumerate(cells):
-        print("  " + "  ".join(c.rjust(w) if k else c.ljust(w) for c, w in zip(r, widths)))
+        print("  " + "  ".join(c.rjust(w) if k and i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if k == 0:
             print("  " + "  ".join("-" * w for w in widths))
 

@@ -79,9 +79,10 @@ def train_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
-            ema.load_state_dict(load_file(str(Path(d) / EMA_FILE)))
+            ema.shadow.load_state_dict(load_file(str(Path(d) / EMA_FILE)))
             optimizer.load_state_dict(torch.load(Path(d) / OPTIMIZER_FILE, weights_only=True))
             state = json.loads((Path(d) / STATE_FILE).read_text())
+        ema.num_updates = state["step"]  # one EMA update per step: restores the warm-up schedule
         state["resumed_from"] = state.get("resumed_from", []) + [state["step"]]
 
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
