@@ -59,11 +59,22 @@ def run(
     configure_environment()
     from flows.graphs import GRAPH_FLOWS
 
+    quiet_expected_failures()
+
     try:
         summary = GRAPH_FLOWS[graph](cfg, out.resolve())
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         fail(str(e).splitlines()[0] if str(e) else repr(e))
     print_summary(summary, out)
+
+
+def quiet_expected_failures() -> None:
+    """Prefect logs every failed task with a traceback; the CLI reports user errors in one line
+    and re-raises anything unexpected (so real bugs still show their traceback)."""
+    import logging
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def print_summary(summary: dict, out: Path) -> None:

@@ -172,28 +172,28 @@ def _load_digits(spec: DatasetSpec) -> Splits:
 
 def _require_path(spec: DatasetSpec) -> Path:
     if not spec.path:
-        raise DatasetError(f"dataset.path is required for dataset {spec.name!r}")
+        raise DatasetError(f"data.path is required for dataset {spec.name!r}")
     return Path(spec.path)
 
 
 def _load_npy(spec: DatasetSpec) -> Splits:
     path = _require_path(spec)
     if not path.is_file():
-        raise DatasetError(f"dataset.path: {path} does not exist — expected a .npy file")
+        raise DatasetError(f"data.path: {path} does not exist — expected a .npy file")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as err:
-        raise DatasetError(f"dataset.path: {path} is not a plain numeric .npy array ({err})") from err
+        raise DatasetError(f"data.path: {path} is not a plain numeric .npy array ({err})") from err
     expected = "expected (N, d) points or (N, H, W)/(N, C, H, W) images"
     if array.ndim == 2:
         return _split(array.astype(np.float32), spec, "points")
     if array.ndim == 3:
         array = array[:, None]
     if array.ndim != 4 or len(array) < 2:
-        raise DatasetError(f"dataset.path: {path} has shape {array.shape} — {expected}")
+        raise DatasetError(f"data.path: {path} has shape {array.shape} — {expected}")
     if array.shape[1] not in (1, 3):
         raise DatasetError(
-            f"dataset.path: {path} has shape {array.shape} — images need 1 or 3 channels first: (N, C, H, W)"
+            f"data.path: {path} has shape {array.shape} — images need 1 or 3 channels first: (N, C, H, W)"
         )
     if array.dtype == np.uint8:
         images = _uint8_to_unit(array)
@@ -201,12 +201,12 @@ def _load_npy(spec: DatasetSpec) -> Splits:
         low, high = float(array.min()), float(array.max())
         if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
             raise DatasetError(
-                f"dataset.path: {path} float images span [{low:.3g}, {high:.3g}] — expected [-1, 1] or uint8"
+                f"data.path: {path} float images span [{low:.3g}, {high:.3g}] — expected [-1, 1] or uint8"
             )
         images = array.astype(np.float32)
     else:
         raise DatasetError(
-            f"dataset.path: {path} has dtype {array.dtype} — images must be uint8 0..255 or floats in [-1, 1]"
+            f"data.path: {path} has dtype {array.dtype} — images must be uint8 0..255 or floats in [-1, 1]"
         )
     return _split(images, spec, "images")
 
@@ -232,10 +232,10 @@ def _read_image(file: Path, mode: str, size: int | None) -> np.ndarray:
 def _load_image_folder(spec: DatasetSpec) -> Splits:
     folder = _require_path(spec)
     if not folder.is_dir():
-        raise DatasetError(f"dataset.path: {folder} is not a folder — expected a folder of .png/.jpg/.jpeg images")
+        raise DatasetError(f"data.path: {folder} is not a folder — expected a folder of .png/.jpg/.jpeg images")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DatasetError(f"dataset.path: {folder} holds no .png/.jpg/.jpeg images")
+        raise DatasetError(f"data.path: {folder} holds no .png/.jpg/.jpeg images")
     if spec.channels not in (None, 1, 3):
         raise DatasetError(f"dataset.channels: {spec.channels} — expected 1 or 3")
     if spec.channels is None:
@@ -246,11 +246,11 @@ def _load_image_folder(spec: DatasetSpec) -> Splits:
     for file, image in zip(files, images):
         if image.shape != images[0].shape:
             raise DatasetError(
-                f"dataset.path: {file} is {image.shape[2]}x{image.shape[1]} but {files[0].name} is "
+                f"data.path: {file} is {image.shape[2]}x{image.shape[1]} but {files[0].name} is "
                 f"{images[0].shape[2]}x{images[0].shape[1]} — set image_size to resize all images"
             )
     if len(images) < 2:
-        raise DatasetError(f"dataset.path: {folder} holds a single image — need at least 2 to split")
+        raise DatasetError(f"data.path: {folder} holds a single image — need at least 2 to split")
     return _split(_uint8_to_unit(np.stack(images)), spec, "images")
 
 

@@ -38,8 +38,7 @@ class Strict(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
-class DataConfig(Strict):
-    name: Literal[DATASETS]  # type: ignore[valid-type]
+class _DatasetFields(Strict):
     n_train: PositiveInt | None = None
     n_test: PositiveInt | None = None
     path: str | None = None
@@ -48,22 +47,20 @@ class DataConfig(Strict):
     download: bool = False
 
     @model_validator(mode="after")
-    def _path_when_needed(self) -> "DataConfig":
+    def _path_when_needed(self):
         if self.name in ("npy", "image_folder") and not self.path:
             raise ValueError(f"dataset '{self.name}' needs a path (a .npy file or an image folder)")
         return self
 
 
-class SourceConfig(Strict):
+class DataConfig(_DatasetFields):
+    name: Literal[DATASETS]  # type: ignore[valid-type]
+
+
+class SourceConfig(_DatasetFields):
     """The t=0 end of the path: standard normal, or any dataset (flow matching needs no Gaussian)."""
 
     name: Literal[("gaussian",) + DATASETS] = "gaussian"  # type: ignore[valid-type]
-    n_train: PositiveInt | None = None
-    n_test: PositiveInt | None = None
-    path: str | None = None
-    image_size: PositiveInt | None = None
-    channels: Literal[1, 3] | None = None
-    download: bool = False
 
     def as_data(self) -> DataConfig | None:
         return None if self.name == "gaussian" else DataConfig(**self.model_dump())

@@ -110,7 +110,7 @@ def test_npy_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as err:
         load_dataset(DatasetSpec("npy", path=str(bad)))
     assert str(err.value) == (
-        f"dataset.path: {bad} has shape (10,) — expected (N, d) points or (N, H, W)/(N, C, H, W) images"
+        f"data.path: {bad} has shape (10,) — expected (N, d) points or (N, H, W)/(N, C, H, W) images"
     )
     np.save(bad, np.full((4, 1, 5, 5), 3.0))
     with pytest.raises(DatasetError, match=r"expected \[-1, 1\] or uint8"):
@@ -220,7 +220,7 @@ def test_missing_torchvision_files(tmp_path: Path, name: str) -> None:
     message = str(err.value)
     assert str(tmp_path) in message and "`download: true`" in message and "internet" in message
     assert "\n" not in message
-    with pytest.raises(DatasetError, match="dataset.path is required"):
+    with pytest.raises(DatasetError, match="data.path is required"):
         load_dataset(DatasetSpec(name))
 
 
