@@ -24,6 +24,9 @@ from tasks.progress import progress_bar
 from tasks.runtime import ensure_ray
 
 
+SCHEME = "shards-v2"  # bump when the way shards are drawn changes: stored samples are keyed by it
+
+
 @dataclass(frozen=True)
 class Setting:
     """One point of the sampling grid."""
@@ -50,7 +53,8 @@ def sampling_grid(cfg: RunConfig) -> list[Setting]:
 
 
 def shard_seed(seed: int, shard: int) -> int:
-    return seed * 1_000_003 + shard
+    """Independent streams per shard (numpy's SeedSequence), not consecutive small seeds."""
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
 
 
 def source_draw(shape: tuple[int, ...], n: int, seed: int, source: np.ndarray | None) -> torch.Tensor:
@@ -93,7 +97,8 @@ def _shards(n: int, size: int) -> list[tuple[int, int]]:
 @task(name="sample", cache_policy=NO_CACHE)
 def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting]) -> dict[str, Ref]:
     """Sample every grid setting with `cfg.sample.num_workers` Ray actors; one .npz per setting."""
-    out_dir = store() / "samples" / short_hash(model.hash, cfg.seed, cfg.sample.n_samples, cfg.sample.shard_size)
+    key = short_hash(SCHEME, model.hash, cfg.seed, cfg.sample.n_samples, cfg.sample.shard_size)
+    out_dir = store() / "samples" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {s.label: out_dir / f"{s.method}-{s.label.replace(',', '-').replace('=', '')}.npz" for s in grid}
     todo = [s for s in grid if not files[s.label].exists()]
