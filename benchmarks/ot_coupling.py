@@ -126,12 +126,12 @@ def _w2(args):
 
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=None, help="timed steps per mode and round (default 300)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode and round (default 200)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 2)")
     p.add_argument("--workers", type=int, default=2, help="plan threads of the pooled mode (default 2)")
     p.add_argument("--train-steps", type=int, default=None, help="steps of the quality runs (default 3000)")
     args = p.parse_args()
-    steps = args.steps or (40 if args.quick else 300)
+    steps = args.steps or (40 if args.quick else 200)
     rounds = args.rounds or (1 if args.quick else 2)
     train_steps = args.train_steps or (300 if args.quick else 3000)
     n_eval, n_ref = (500, 2000) if args.quick else (2000, 10_000)

@@ -12,7 +12,8 @@ Wall time counts from creating the actors (so actor start-up: a new worker proce
 imports, model load) to the last shard; Ray itself is started once before. Runs
 alternate 1, 2, 2, 1, ... workers and the speed-up is the median over pairs. Every
 shard's samples (and reported NFE) must be bit-identical between 1 and 2 workers:
-the script asserts it.
+the script asserts it. Finally it measures the machine's own ceiling: two plain
+processes (no Ray) running the same shard loop side by side vs one.
 
     .venv/bin/python benchmarks/parallel_sampling.py [--quick] [--samples N] [--pairs K]
 """
@@ -52,6 +53,37 @@ def make_model(folder: Path) -> str:
     return str(folder)
 
 
+def _bare_worker(model_dir: str, shards: int, barrier, out) -> None:
+    """No Ray: integrate `shards` Euler NFE=100 shards with `tasks.sample.Sampler` in this process."""
+    from tasks.sample import Sampler
+
+    sampler = Sampler(model_dir, SEED, None)
+    setting = Setting("euler", 100)
+    sampler.run(setting, 0, SHARD, SEED)  # warm-up
+    barrier.wait()
+    start = time.perf_counter()
+    for i in range(shards):
+        sampler.run(setting, i, SHARD, SEED)
+    out.put(time.perf_counter() - start)
+
+
+def machine_ceiling(model_dir: str, shards: int) -> float:
+    """Throughput of 2 plain processes vs 1 on the same shard loop (no Ray): what 2 cores give here."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    walls = {}
+    for procs in (1, 2):
+        barrier, out = ctx.Barrier(procs), ctx.Queue()
+        ps = [ctx.Process(target=_bare_worker, args=(model_dir, shards, barrier, out)) for _ in range(procs)]
+        for p in ps:
+            p.start()
+        walls[procs] = max(out.get() for _ in ps)
+        for p in ps:
+            p.join()
+    return 2 * walls[1] / walls[2]  # 2 processes did twice the work
+
+
 def run(model_dir: str, workers: int, n_samples: int) -> tuple[float, float, dict]:
     """Sample the grid with `workers` actors; returns (wall s, actor start-up s, results)."""
     start = time.perf_counter()
@@ -84,19 +116,29 @@ def main() -> None:
         model_dir = make_model(Path(d) / "model")
         run(model_dir, 2, 2 * SHARD)  # warm-up: worker processes, file caches
         times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
-        reference = None
+        reference, reference_workers, mismatches = None, 0, []
         order = [w for k in range(pairs) for w in ((1, 2) if k % 2 == 0 else (2, 1))]
         for workers in order:
             wall, ready, results = run(model_dir, workers, n_samples)
             print(f"  {workers} worker(s): {wall:.2f} s (actors ready after {ready:.2f} s)   {C.uptime()}")
             times[workers].append((wall, ready))
             if reference is None:
-                reference = results
-            else:
-                assert results.keys() == reference.keys()
-                for key, (x, nfe) in results.items():
-                    assert np.array_equal(x, reference[key][0]) and nfe == reference[key][1], \
-                        f"samples differ between worker counts at {key}"
+                reference, reference_workers = results, workers
+                continue
+            assert results.keys() == reference.keys()
+            for key in sorted(reference):
+                (x, nfe), (x_ref, nfe_ref) = results[key], reference[key]
+                if not (np.array_equal(x, x_ref) and nfe == nfe_ref):
+                    mismatches.append({
+                        "run": len(times[1]) + len(times[2]), "workers": workers, "vs_workers": reference_workers,
+                        "key": key, "nfe": (int(nfe), int(nfe_ref)), "max_abs_diff": float(np.abs(x - x_ref).max()),
+                        "elements_differing": int((x != x_ref).sum()), "nan": bool(np.isnan(x).any()),
+                    })
+                    print(f"  MISMATCH {mismatches[-1]}")
+        ceiling = machine_ceiling(model_dir, 3 if args.quick else 8)
+        print(f"  machine ceiling: 2 plain processes (no Ray) run the same shard loop {ceiling:.2f}x as fast as 1"
+              f"   {C.uptime()}")
+    assert not mismatches, f"{len(mismatches)} shard(s) differ between runs: {mismatches[:3]}"
     ratios = [a[0] / b[0] for a, b in zip(times[1], times[2])]
     sampling_ratios = [(a[0] - a[1]) / (b[0] - b[1]) for a, b in zip(times[1], times[2])]
     shards = len(_shards(n_samples, SHARD))
@@ -112,6 +154,7 @@ def main() -> None:
         "speed-up (sampling only)": round(C.median(sampling_ratios), 3),
         "1 worker s": round(rows[0][2], 2), "2 workers s": round(rows[1][2], 2),
         "identical": True,
+        "ceiling (2 plain processes, no Ray)": round(ceiling, 3),
         "pass": C.median(ratios) >= 1.8,
     }
     C.finish(args, "a_parallel_sampling", TARGET, summary, {

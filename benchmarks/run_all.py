@@ -19,7 +19,8 @@ import _common as C
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # letter -> (script, headline keys shown in the table)
-    "a": ("parallel_sampling.py", ["speed-up (incl. actor start-up)", "speed-up (sampling only)", "1 worker s", "2 workers s"]),
+    "a": ("parallel_sampling.py", ["speed-up (incl. actor start-up)", "speed-up (sampling only)",
+                                   "ceiling (2 plain processes, no Ray)", "1 worker s", "2 workers s"]),
     "b": ("orchestration_overhead.py", ["ratio graph/bare", "graph s", "bare s"]),
     "c": ("solver_overhead.py", ["worst"]),
     "d": ("ot_coupling.py", ["OT synchronous x", "OT prefetch, 1 thread x", "OT prefetch, 2 threads x",
