@@ -4,9 +4,10 @@ Graph: `gendag run flow-matching -c <config> --out <ws>/runs/bench` in a fresh
 GENDAG_HOME temp workspace (embedded Prefect server, Ray, Ray Train with 2 DDP
 workers of 1 thread, DVC, MLflow), timed from process launch to exit.
 
-Bare: one fresh Python process (this script with `--bare`), torch with 1 thread
-(`--bare-threads`; 2 threads proved slower here and collapse when another process
-shares the CPU: see BENCHMARKS.md), no
+Bare: one fresh Python process (this script with `--bare`), torch with 2 threads,
+except 1 thread in the training loop (`--bare-threads`, `--bare-train-threads`: this
+small UNet trains faster on 1 thread than on 2 here, and 2 threads collapse when
+another process shares the CPU; see BENCHMARKS.md), no
 Prefect/Ray/DVC/MLflow, doing the same work: load the dataset; train the FID feature
 network (image data); train the same model with the same global batch (the two DDP
 ranks' batches, drawn by the same `PairSampler`s and concatenated), steps, lr
@@ -49,7 +50,8 @@ GENDAG = Path(sys.executable).with_name("gendag")
 # ----------------------------------------------------------------------------- bare loop (child process)
 
 
-def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path, threads: int) -> None:
+def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path, threads: int,
+         train_threads: int) -> None:
     """The same job as the graph, as a plain loop in this process; writes stage times to `out`."""
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -90,6 +92,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
 
     # Training: tasks/train.py's loop; the global batch is the world=2 ranks' batches concatenated.
     t = time.perf_counter()
+    torch.set_num_threads(train_threads)
     world = cfg.train.num_workers or 1
     spec = ModelSpec(cfg.model.network, tuple(splits.train.shape[1:]), cfg.model.parameterization,
                      cfg.path.scheduler, dict(cfg.model.kwargs), dict(cfg.path.kwargs))
@@ -121,6 +124,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
         ema.update(model)
         losses.append(loss.item())
     stages["train"] = time.perf_counter() - t
+    torch.set_num_threads(threads)
 
     # Sampling: tasks/sample.py's grid, shards and seeds (inlined: importing tasks.sample pulls in Ray/Prefect).
     t = time.perf_counter()
@@ -185,11 +189,12 @@ def _clean_env(ws: Path) -> dict:
     return env
 
 
-def run_bare(config: str, scale: str, overrides: list[str], threads: int) -> dict:
+def run_bare(config: str, scale: str, overrides: list[str], threads: int, train_threads: int) -> dict:
     ws = Path(tempfile.mkdtemp(prefix="gendag-bare-"))
     out = ws / "bare.json"
     cmd = [sys.executable, __file__, "--bare", "--config", config, "--scale", scale, "--workdir", str(ws),
-           "--bare-out", str(out), "--bare-threads", str(threads)] + [a for o in overrides for a in ("--set", o)]
+           "--bare-out", str(out), "--bare-threads", str(threads),
+           "--bare-train-threads", str(train_threads)] + [a for o in overrides for a in ("--set", o)]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=_clean_env(ws), cwd=ws)
     wall = time.perf_counter() - t
@@ -260,26 +265,28 @@ def main() -> None:
     p.add_argument("--scale", default=None)
     p.add_argument("--pairs", type=int, default=1, help="(bare, graph) pairs to run (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the graph workspaces")
-    p.add_argument("--bare-threads", type=int, default=1,
-                   help="torch threads of the bare loop (default 1: fastest and load-robust here, see BENCHMARKS.md)")
+    p.add_argument("--bare-threads", type=int, default=2, help="torch threads of the bare loop (default 2)")
+    p.add_argument("--bare-train-threads", type=int, default=1,
+                   help="torch threads of the bare training loop (default 1: faster than 2 here, see BENCHMARKS.md)")
     p.add_argument("--bare", action="store_true", help=argparse_hidden())
     p.add_argument("--workdir", type=Path, help=argparse_hidden())
     p.add_argument("--bare-out", type=Path, help=argparse_hidden())
     args = p.parse_args()
     scale = args.scale or ("tiny" if args.quick else "cpu")
     if args.bare:
-        bare(args.config, scale, args.overrides, args.workdir, args.bare_out, args.bare_threads)
+        bare(args.config, scale, args.overrides, args.workdir, args.bare_out, args.bare_threads,
+             args.bare_train_threads)
         return
 
     print(f"machine before: {C.uptime()}")
     print(f"job: {args.config} --scale {scale} {' '.join('--set ' + o for o in args.overrides)}"
-          f"   (bare loop: torch threads {args.bare_threads})")
+          f"   (bare loop: torch threads {args.bare_threads}, {args.bare_train_threads} in the training loop)")
     runs = []
     for k in range(args.pairs):
         order = ("bare", "graph") if k % 2 == 0 else ("graph", "bare")
         pair = {}
         for kind in order:
-            pair[kind] = (run_bare(args.config, scale, args.overrides, args.bare_threads) if kind == "bare"
+            pair[kind] = (run_bare(args.config, scale, args.overrides, args.bare_threads, args.bare_train_threads) if kind == "bare"
                           else run_graph(args.config, scale, args.overrides, args.keep))
             print(f"  {kind}: {pair[kind]['wall']:.1f} s   {C.uptime()}")
         pair["ratio"] = pair["graph"]["wall"] / pair["bare"]["wall"]
@@ -296,7 +303,7 @@ def main() -> None:
                   [[k, f"{v:.1f}"] for k, v in b["stages"].items()] +
                   [["process start + exit", f"{b['wall'] - b['stages']['total_in_process']:.1f}"]])
     if b["steps"]:
-        print(f"  bare train: {b['stages']['train'] / b['steps'] * 1e3:.1f} ms/step (global batch, {args.bare_threads} thread(s))")
+        print(f"  bare train: {b['stages']['train'] / b['steps'] * 1e3:.1f} ms/step (global batch, {args.bare_train_threads} thread(s))")
     bs = b["stages"]
     pairs_ = [("start-up", g["stages"]["start-up (imports, config, Prefect server, flow run)"],
                bs["imports"] + b["wall"] - bs["total_in_process"]),
@@ -318,13 +325,14 @@ def main() -> None:
         "bare s": round(C.median([r["bare"]["wall"] for r in runs]), 1),
         "ratio graph/bare": round(C.median(ratios), 3),
         "overhead %": round(100 * (C.median(ratios) - 1), 1),
-        "bare threads": args.bare_threads,
+        "bare threads (train loop)": f"{args.bare_threads} ({args.bare_train_threads})",
         "bare >= 120 s": C.median([r["bare"]["wall"] for r in runs]) >= 120,
         "pass": C.median(ratios) <= 1.15 and C.median([r["bare"]["wall"] for r in runs]) >= 120,
     }
     C.finish(args, "b_orchestration_overhead", TARGET, summary, {"runs": runs, "config": args.config,
                                                                   "scale": scale, "overrides": args.overrides,
-                                                                  "bare_threads": args.bare_threads})
+                                                                  "bare_threads": args.bare_threads,
+                                                                  "bare_train_threads": args.bare_train_threads})
 
 
 def argparse_hidden():

@@ -3,8 +3,9 @@
 The moons config's problem and model, in one process: 8 gaussians -> moons (the
 datasets the graph versions, seeds 0 and 1), the MLP (hidden 256, 4 layers), batch
 512, AdamW lr 2e-3 with 100 warm-up steps, grad clip 1, EMA 0.999, `PairSampler` +
-`flow_matching_loss` as in tasks/train.py, torch with 1 thread (as each training
-worker of the graph).
+`flow_matching_loss` as in tasks/train.py, torch with 1 thread and OMP_NUM_THREADS=1
+(numpy's OpenBLAS on 1 thread), as in each training worker of the graph (a 1-CPU Ray
+actor); `--blas-default` leaves numpy's BLAS at its default 2 threads instead.
 
 Timing: every mode trains from the same initialisation for `--steps` steps; the
 modes run one after the other in rounds (A B C D, then D C B A, ...) and each OT
@@ -29,6 +30,16 @@ source test points, and scored by exact W2 (`models.metrics.wasserstein2`) again
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+# A graph training worker is a Ray actor with 1 CPU, for which Ray sets OMP_NUM_THREADS=1: numpy's
+# OpenBLAS then runs 1 thread. Emulate that (before numpy is imported) unless --blas-default is given:
+# with 2 BLAS threads, OpenBLAS's helper thread busy-waits ~100 ms after each small product in ot.dist,
+# i.e. for ever at one plan per step, and takes the core that the prefetched plans should use.
+if "--blas-default" not in sys.argv:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import threading
 import time
@@ -85,14 +96,17 @@ def train(data, source, coupling, steps: int, prefetch: int, workers: int = 1):
     return model, ema, (time.perf_counter() - start) / steps
 
 
-def gil_check(n: int = 512) -> dict:
-    """Longest stall of a pure-Python loop while a thread runs ot.emd back to back, vs one emd."""
+def gil_check(n: int = 512, repeats: int = 3) -> dict:
+    """Does ot.emd release the GIL?  Two measurements, each the best of `repeats` (load only adds time):
+
+    - the longest stall of a pure-Python loop while another thread runs ot.emd back to back,
+      vs the duration of one emd call (a solver holding the GIL would stall the loop that long);
+    - two threads each solving `k` plans vs one thread solving 2k (~2x if they run in parallel).
+    """
     rng = np.random.default_rng(0)
     cost = ot.dist(rng.normal(size=(n, 2)), rng.normal(size=(n, 2)))
     w = ot.unif(n)
-    t = time.perf_counter()
-    ot.emd(w, w, cost)
-    one = time.perf_counter() - t
+    one = min(C.timeit(lambda: ot.emd(w, w, cost), repeat=5))
 
     def longest_gap(seconds: float) -> float:
         stamps, end = [], time.perf_counter() + seconds
@@ -100,23 +114,42 @@ def gil_check(n: int = 512) -> dict:
             stamps.append(now)
         return float(np.diff(stamps).max())
 
-    alone = longest_gap(0.5)
-    stop = threading.Event()
-    calls = [0]
+    def with_solver(seconds: float) -> float:
+        stop = threading.Event()
 
-    def solve() -> None:
-        while not stop.is_set():
+        def solve() -> None:
+            while not stop.is_set():
+                ot.emd(w, w, cost)
+
+        th = threading.Thread(target=solve)
+        th.start()
+        time.sleep(0.05)
+        gap = longest_gap(seconds)
+        stop.set()
+        th.join()
+        return gap
+
+    alone = min(longest_gap(0.5) for _ in range(repeats))
+    busy = min(with_solver(0.5) for _ in range(repeats))
+    k = 6
+
+    def solve_k() -> None:
+        for _ in range(k):
             ot.emd(w, w, cost)
-            calls[0] += 1
 
-    th = threading.Thread(target=solve)
-    th.start()
-    time.sleep(0.05)
-    busy = longest_gap(1.0)
-    stop.set()
-    th.join()
+    def two_threads() -> float:
+        ths = [threading.Thread(target=solve_k) for _ in range(2)]
+        t = time.perf_counter()
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        return time.perf_counter() - t
+
+    serial = min(C.timeit(lambda: (solve_k(), solve_k()), repeat=repeats))
+    parallel = min(two_threads() for _ in range(repeats))
     return {"emd_ms": one * 1e3, "longest_stall_alone_ms": alone * 1e3, "longest_stall_with_emd_ms": busy * 1e3,
-            "emd_calls_meanwhile": calls[0], "releases_gil": busy < 0.5 * one}
+            "two_threads_speedup": serial / parallel, "releases_gil": busy < 0.5 * one}
 
 
 def _w2(args):
@@ -130,6 +163,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 2)")
     p.add_argument("--workers", type=int, default=2, help="plan threads of the pooled mode (default 2)")
     p.add_argument("--train-steps", type=int, default=None, help="steps of the quality runs (default 3000)")
+    p.add_argument("--blas-default", action="store_true",
+                   help="leave numpy's BLAS threads at their default (2 here) instead of 1 as in a Ray worker")
     args = p.parse_args()
     steps = args.steps or (40 if args.quick else 200)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -138,9 +173,11 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"machine before: {C.uptime()}")
     gil = gil_check()
-    print(f"  ot.emd 512x512: {gil['emd_ms']:.1f} ms; longest stall of the main thread while another thread "
-          f"runs ot.emd: {gil['longest_stall_with_emd_ms']:.1f} ms (alone {gil['longest_stall_alone_ms']:.1f} ms)"
+    print(f"  ot.emd 512x512: {gil['emd_ms']:.1f} ms; longest stall of a Python loop while another thread "
+          f"runs ot.emd: {gil['longest_stall_with_emd_ms']:.1f} ms (alone {gil['longest_stall_alone_ms']:.1f} ms); "
+          f"2 threads solve plans {gil['two_threads_speedup']:.2f}x as fast as 1"
           f" -> releases the GIL: {gil['releases_gil']}")
+    print(f"  numpy BLAS threads: {os.environ.get('OMP_NUM_THREADS', 'default')} (OMP_NUM_THREADS)")
     data, source = datasets()
     ot_exact = MinibatchOTCoupling("exact")
     modes = {
@@ -201,6 +238,7 @@ def main() -> None:
         **{f"{m} x": round(ratio[m], 2) for m in list(modes)[1:]},
         f"long run ({train_steps} steps) OT pooled x": round(long_runs["minibatch OT"] / long_runs["independent"], 2),
         "emd releases GIL": gil["releases_gil"],
+        "numpy BLAS threads": os.environ.get("OMP_NUM_THREADS", "default"),
         "W2 indep NFE 1/2/4/100": "/".join(f"{w2[('independent', n)]:.3f}" for n in (1, 2, 4, 100)),
         "W2 OT NFE 1/2/4/100": "/".join(f"{w2[('minibatch OT', n)]:.3f}" for n in (1, 2, 4, 100)),
         "W2 floor": round(w2[("floor", 0)], 4),
