@@ -50,6 +50,22 @@ GENDAG = Path(sys.executable).with_name("gendag")
 # ----------------------------------------------------------------------------- bare loop (child process)
 
 
+def bare_shard_seed(seed: int, shard: int) -> int:
+    """tasks.sample.shard_seed, inlined (importing tasks.sample pulls in Ray and Prefect); checked by
+    `check_inlined_helpers` in the driver."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+
+def check_inlined_helpers() -> None:
+    """Fail loudly if tasks/sample.py changed how shards are seeded (the bare loop must sample the same)."""
+    from tasks.sample import shard_seed
+
+    assert all(bare_shard_seed(s, i) == shard_seed(s, i) for s in (0, 1, 7) for i in range(5)), \
+        "tasks.sample.shard_seed changed: update bare_shard_seed in benchmarks/orchestration_overhead.py"
+
+
 def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path, threads: int,
          train_threads: int) -> None:
     """The same job as the graph, as a plain loop in this process; writes stage times to `out`."""
@@ -143,7 +159,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
         label = (f"nfe={nfe}" if nfe else "adaptive") + (",untrained" if is_untrained else "")
         xs = []
         for i, n in shards:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+            g = torch.Generator().manual_seed(bare_shard_seed(cfg.seed, i))
             if src_test is None:
                 x0 = torch.randn((n, *spec.data_shape), generator=g)
             else:
@@ -278,6 +294,7 @@ def main() -> None:
              args.bare_train_threads)
         return
 
+    check_inlined_helpers()
     print(f"machine before: {C.uptime()}")
     print(f"job: {args.config} --scale {scale} {' '.join('--set ' + o for o in args.overrides)}"
           f"   (bare loop: torch threads {args.bare_threads}, {args.bare_train_threads} in the training loop)")
