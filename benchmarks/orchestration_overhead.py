@@ -50,22 +50,6 @@ GENDAG = Path(sys.executable).with_name("gendag")
 # ----------------------------------------------------------------------------- bare loop (child process)
 
 
-def bare_shard_seed(seed: int, shard: int) -> int:
-    """tasks.sample.shard_seed, inlined (importing tasks.sample pulls in Ray and Prefect); checked by
-    `check_inlined_helpers` in the driver."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
-
-
-def check_inlined_helpers() -> None:
-    """Fail loudly if tasks/sample.py changed how shards are seeded (the bare loop must sample the same)."""
-    from tasks.sample import shard_seed
-
-    assert all(bare_shard_seed(s, i) == shard_seed(s, i) for s in (0, 1, 7) for i in range(5)), \
-        "tasks.sample.shard_seed changed: update bare_shard_seed in benchmarks/orchestration_overhead.py"
-
-
 def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path, threads: int,
          train_threads: int) -> None:
     """The same job as the graph, as a plain loop in this process; writes stage times to `out`."""
@@ -83,7 +67,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     from models.pairs import PairSampler
     from models.couplings import make_coupling
     from models.paths import GaussianPath
-    from models.solvers import solve_ode
+    from models.training import optimizer_step, warmup_lr
     from tasks.config import load_config
 
     torch.set_num_threads(threads)
@@ -123,52 +107,35 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     streams = [PairSampler(data, local, source=src, seed=cfg.seed, rank=r,
                            coupling=make_coupling(cfg.coupling.kind, **cfg.coupling.kwargs)).stream(0, cfg.train.steps)
                for r in range(world)]
-    warm = cfg.train.warmup_steps
     model.train()
     losses = []
     for batches in zip(*streams):
         step = batches[0].step
         x0, x1, tt = (torch.cat([getattr(b, k) for b in batches]) for k in ("x0", "x1", "t"))
-        for group in opt.param_groups:
-            group["lr"] = cfg.train.lr * min(1.0, (step + 1) / warm) if warm else cfg.train.lr
         loss = flow_matching_loss(model, path, x0, x1, t=tt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        ema.update(model)
-        losses.append(loss.item())
+        lr = warmup_lr(step, cfg.train.lr, cfg.train.warmup_steps)
+        losses.append(optimizer_step(loss, model, opt, ema, lr, cfg.train.grad_clip))
     stages["train"] = time.perf_counter() - t
     torch.set_num_threads(threads)
 
-    # Sampling: tasks/sample.py's grid, shards and seeds (inlined: importing tasks.sample pulls in Ray/Prefect).
+    # Sampling: the graph's grid, shards and seeds, with the sampling workers' own class, in this process.
     t = time.perf_counter()
-    grid = [(s.method, n, s.atol, s.rtol, False) for s in cfg.sample.solvers for n in (s.nfe or [None])]
-    fixed = [g for g in grid if g[1]]
-    best = max(fixed, key=lambda g: g[1]) if fixed else grid[0]
-    grid.append((*best[:4], True))
-    torch.manual_seed(cfg.seed)
-    untrained = spec.build().eval()
-    trained = ema.shadow.eval()
-    size, n_total = cfg.sample.shard_size, cfg.sample.n_samples
-    shards = [(i, min(size, n_total - i * size)) for i in range((n_total + size - 1) // size)]
-    src_test = source.test if source else None
+    from models.checkpoint import save_model
+    from models.sampling import Sampler, sampling_grid, shards
+
+    grid = sampling_grid(cfg.sample.solvers)
+    save_model(ema.shadow, spec, workdir / "model")
+    source_path = None
+    if source:
+        source_path = workdir / "source-test.npy"
+        np.save(source_path, source.test)
+    sampler = Sampler(str(workdir / "model"), cfg.seed, source_path and str(source_path), threads=threads)
+    n_total = cfg.sample.n_samples
     sets = {}
-    for method, nfe, atol, rtol, is_untrained in grid:
-        label = (f"nfe={nfe}" if nfe else "adaptive") + (",untrained" if is_untrained else "")
-        xs = []
-        for i, n in shards:
-            g = torch.Generator().manual_seed(bare_shard_seed(cfg.seed, i))
-            if src_test is None:
-                x0 = torch.randn((n, *spec.data_shape), generator=g)
-            else:
-                x0 = torch.from_numpy(src_test)[torch.randint(len(src_test), (n,), generator=g)]
-            net = untrained if is_untrained else trained
-            traj = cfg.sample.trajectories if i == 0 else 0
-            sol = solve_ode(net.velocity, x0, method=method, nfe=nfe, atol=atol, rtol=rtol, return_trajectory=traj > 0)
-            xs.append(sol.x.numpy())
-        sets[label] = np.concatenate(xs)
+    for setting in grid:
+        results = [sampler.run(setting, i, n, cfg.seed, cfg.sample.trajectories if i == 0 else 0)
+                   for i, n in shards(n_total, cfg.sample.shard_size)]
+        sets[setting.label] = np.concatenate([r["x"] for r in results])
     stages["sample"] = time.perf_counter() - t
 
     # Evaluation: tasks/evaluate.py's protocol.
@@ -294,7 +261,6 @@ def main() -> None:
              args.bare_train_threads)
         return
 
-    check_inlined_helpers()
     print(f"machine before: {C.uptime()}")
     print(f"job: {args.config} --scale {scale} {' '.join('--set ' + o for o in args.overrides)}"
           f"   (bare loop: torch threads {args.bare_threads}, {args.bare_train_threads} in the training loop)")

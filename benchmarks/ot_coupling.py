@@ -64,6 +64,7 @@ from models.metrics import wasserstein2
 from models.pairs import PairSampler
 from models.paths import GaussianPath
 from models.solvers import solve_ode
+from models.training import optimizer_step, warmup_lr
 
 TARGET = "OT training time per step <= 2x independent (batch 512, 2-D, one process)"
 BATCH, LR, WARMUP, CLIP, EMA_DECAY, SEED = 512, 2e-3, 100, 1.0, 0.999, 0
@@ -88,15 +89,8 @@ def train(data, source, coupling, steps: int, prefetch: int, workers: int = 1):
     model.train()
     start = time.perf_counter()
     for batch in pairs.stream(0, steps, prefetch=prefetch, workers=workers):
-        for group in opt.param_groups:
-            group["lr"] = LR * min(1.0, (batch.step + 1) / WARMUP)
         loss = flow_matching_loss(model, path, batch.x0, batch.x1, t=batch.t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        ema.update(model)
-        loss.item()
+        optimizer_step(loss, model, opt, ema, warmup_lr(batch.step, LR, WARMUP), CLIP)
     return model, ema, (time.perf_counter() - start) / steps
 
 

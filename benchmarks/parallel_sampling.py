@@ -5,7 +5,7 @@ images), freshly initialised (seed 0; its zero-initialised output conv is given 
 random weights so the field is not zero) and written with `models.checkpoint.save_model`;
 the digits config's whole sampling grid (Euler NFE 1, 2, 4, 8, 16, 100, dopri5 at
 atol = rtol = 1e-4, and the untrained baseline at Euler NFE 100) for `--samples`
-samples in shards of 125, through `tasks.sample`'s `SamplerActor`, `_shards` and a
+samples in shards of 125, through `tasks.sample`'s `SamplerActor`, `shards` and a
 `ray.util.ActorPool` exactly as the `sample` task drives them.
 
 Wall time counts from creating the actors (so actor start-up: a new worker process,
@@ -31,7 +31,8 @@ import torch
 
 from models.checkpoint import ModelSpec, save_model
 from tasks.runtime import ensure_ray
-from tasks.sample import Setting, SamplerActor, _shards
+from models.sampling import Setting, shards
+from tasks.sample import SamplerActor
 
 TARGET = "speed-up (1 worker wall / 2 workers wall) >= 1.8x on 2 cores"
 SPEC = ModelSpec("unet", (1, 8, 8), network_kwargs={"base_channels": 16, "channel_mults": [1, 2],
@@ -54,8 +55,8 @@ def make_model(folder: Path) -> str:
 
 
 def _bare_worker(model_dir: str, shards: int, barrier, out) -> None:
-    """No Ray: integrate `shards` Euler NFE=100 shards with `tasks.sample.Sampler` in this process."""
-    from tasks.sample import Sampler
+    """No Ray: integrate `shards` Euler NFE=100 shards with `models.sampling.Sampler` in this process."""
+    from models.sampling import Sampler
 
     sampler = Sampler(model_dir, SEED, None)
     setting = Setting("euler", 100)
@@ -90,7 +91,7 @@ def run(model_dir: str, workers: int, n_samples: int) -> tuple[float, float, dic
     actors = [SamplerActor.remote(model_dir, SEED, None) for _ in range(workers)]
     ray.get([a.__ray_ready__.remote() for a in actors])
     ready = time.perf_counter() - start
-    jobs = [(s, i, n) for s in GRID for i, n in _shards(n_samples, SHARD)]
+    jobs = [(s, i, n) for s in GRID for i, n in shards(n_samples, SHARD)]
     pool = ray.util.ActorPool(actors)
     results = {}
     for res in pool.map_unordered(lambda a, j: a.run.remote(j[0], j[1], j[2], SEED, 0), jobs):
@@ -141,13 +142,13 @@ def main() -> None:
     assert not mismatches, f"{len(mismatches)} shard(s) differ between runs: {mismatches[:3]}"
     ratios = [a[0] / b[0] for a, b in zip(times[1], times[2])]
     sampling_ratios = [(a[0] - a[1]) / (b[0] - b[1]) for a, b in zip(times[1], times[2])]
-    shards = len(_shards(n_samples, SHARD))
-    nfe_per_shard = {s.label: int(np.mean([reference[(s.label, i)][1] for i in range(shards)])) for s in GRID}
+    n_shards = len(shards(n_samples, SHARD))
+    nfe_per_shard = {s.label: int(np.mean([reference[(s.label, i)][1] for i in range(n_shards)])) for s in GRID}
     rows = [[w, len(times[w]), C.median([x[0] for x in times[w]]), C.median([x[1] for x in times[w]])]
             for w in (1, 2)]
     C.print_table("wall time of the whole grid (median of runs)",
                   ["workers", "runs", "wall s", "actor start-up s"], rows)
-    print(f"\n  work: {len(GRID)} settings x {shards} shards of {SHARD} 8x8 images; NFE per shard {nfe_per_shard}")
+    print(f"\n  work: {len(GRID)} settings x {n_shards} shards of {SHARD} 8x8 images; NFE per shard {nfe_per_shard}")
     print(f"  all {len(reference)} shards identical for 1 and 2 workers: yes (asserted)")
     summary = {
         "speed-up (incl. actor start-up)": round(C.median(ratios), 3),

@@ -13,7 +13,7 @@ conversion) vs the bare net, and the solver loop vs N calls of `Denoiser.velocit
 All timings are interleaved (one round measures everything once). Other processes'
 load only adds time, so the headline ratio is best round / best round (as timeit
 advises); the median over rounds of the within-round ratio is printed next to it. torch uses
-1 thread, as the sampling actors do (tasks.sample.Sampler).
+1 thread, as the sampling actors do (models.sampling.Sampler).
 
     .venv/bin/python benchmarks/solver_overhead.py [--quick]
 """

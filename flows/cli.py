@@ -58,8 +58,10 @@ def run(
     out = out or Path("runs") / f"{cfg.name}-{scale}"
     configure_environment()
     from flows.graphs import GRAPH_FLOWS
+    from tasks.runtime import start_services
 
     quiet_expected_failures()
+    start_services()
 
     try:
         summary = GRAPH_FLOWS[graph](cfg, out.resolve())
@@ -75,6 +77,8 @@ def quiet_expected_failures() -> None:
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in ("dvc.repo.scm_context", "mlflow.store.db.utils", "alembic"):  # set-up chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def print_summary(summary: dict, out: Path) -> None:

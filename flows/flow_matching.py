@@ -12,7 +12,8 @@ from tasks.data import read_dataset, version_dataset
 from tasks.evaluate import evaluate, feature_extractor
 from tasks.register import register
 from tasks.report import write_report
-from tasks.sample import sample, sampling_grid
+from models.sampling import sampling_grid
+from tasks.sample import sample
 from tasks.train import train
 
 
@@ -23,7 +24,7 @@ def flow_matching(cfg: RunConfig, out: Path) -> dict:
     source = version_dataset(source_data, cfg.seed + 1) if source_data else None
     features = feature_extractor(cfg, data)
     model = train(cfg, data, source)
-    samples = sample(cfg, model, source, sampling_grid(cfg))
+    samples = sample(cfg, model, source, sampling_grid(cfg.sample.solvers))
     metrics = evaluate(cfg, samples, data, features)
     splits = read_dataset(data)
     report = write_report(out / "report", splits.kind, samples, splits.test, metrics, model)

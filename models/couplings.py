@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -48,6 +47,8 @@ class MinibatchOTCoupling(Coupling):
 
     def plan_indices(self, x0: Tensor, x1: Tensor) -> Tensor:
         """Index into ``x1`` of the partner of each row of ``x0`` (a CPU LongTensor)."""
+        import ot  # POT pulls in scikit-learn: import it only where a plan is solved
+
         a = x0.detach().flatten(1).cpu().double().numpy()
         b = x1.detach().flatten(1).cpu().double().numpy()
         cost = ot.dist(a, b)  # squared euclidean

@@ -26,3 +26,28 @@ def ensure_ray() -> None:
         configure_logging=True,
         logging_level="ERROR",
     )
+
+
+def start_services() -> None:
+    """Boot the embedded Prefect server and Ray side by side: each takes seconds, mostly waiting
+    on its own processes. Prefect reuses the started server (its temporary server is a
+    per-process singleton); a failure here surfaces again, with Prefect's message, on first use."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+
+    prefect_boot = None
+    if not PREFECT_API_URL.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        def boot() -> None:
+            try:
+                SubprocessASGIServer().start()
+            except Exception:  # noqa: BLE001 - Prefect retries and reports it when the flow starts
+                pass
+
+        prefect_boot = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
+        prefect_boot.start()
+    ensure_ray()
+    if prefect_boot:
+        prefect_boot.join()

@@ -1,0 +1,34 @@
+"""One optimisation step and the learning-rate schedule, shared by every training loop."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.ema import EMA
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over `warmup_steps` (0: none), then constant."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+
+
+def optimizer_step(
+    loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, lr: float,
+    grad_clip: float | None,
+) -> float:
+    """Backpropagate `loss`, clip, step at `lr`, update the EMA; returns the loss value.
+
+    `model` is the unwrapped module (its parameters are clipped and averaged); the loss may
+    come from a wrapper of it, e.g. DistributedDataParallel, which syncs gradients in backward.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if ema is not None:
+        ema.update(model)
+    return loss.item()

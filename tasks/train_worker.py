@@ -1,0 +1,116 @@
+"""What each Ray Train worker runs: the DDP training loop with checkpoints.
+
+Kept apart from the Prefect task in `tasks/train.py` so that workers import only
+torch, Ray and the models (not Prefect): they start faster.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from models.checkpoint import ModelSpec, save_model, save_weights
+from models.couplings import make_coupling
+from models.ema import EMA
+from models.losses import flow_matching_loss
+from models.paths import GaussianPath
+from models.pairs import PairSampler
+from models.training import optimizer_step, warmup_lr
+from tasks.config import RunConfig
+from tasks.progress import ProgressBoard
+
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+
+
+def model_spec(cfg: RunConfig, data_shape: tuple[int, ...]) -> ModelSpec:
+    return ModelSpec(
+        network=cfg.model.network,
+        data_shape=tuple(data_shape),
+        parameterization=cfg.model.parameterization,
+        scheduler=cfg.path.scheduler,
+        network_kwargs=dict(cfg.model.kwargs),
+        scheduler_kwargs=dict(cfg.path.kwargs),
+    )
+
+
+def _load_array(folder: str, split: str = "train") -> torch.Tensor:
+    return torch.from_numpy(np.load(Path(folder) / f"{split}.npy", allow_pickle=False))
+
+
+def train_worker(config: dict) -> None:
+    """The per-worker loop run by Ray Train (also callable in-process with num_workers=0)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = RunConfig.model_validate(config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    data = _load_array(config["data"])
+    source = _load_array(config["source"]) if config.get("source") else None
+    spec = model_spec(cfg, tuple(data.shape[1:]))
+    model = spec.build()
+    ema = EMA(model, decay=cfg.train.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    state = {"step": 0, "losses": [], "resumed_from": []}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+            ema.shadow.load_state_dict(load_file(str(Path(d) / EMA_FILE)))
+            optimizer.load_state_dict(torch.load(Path(d) / OPTIMIZER_FILE, weights_only=True))
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+        ema.num_updates = state["step"]  # one EMA update per step: restores the warm-up schedule
+        state["resumed_from"] = state.get("resumed_from", []) + [state["step"]]
+
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
+    path = GaussianPath(model.scheduler)
+    local_batch = max(1, cfg.train.batch_size // world)
+    pairs = PairSampler(
+        data, local_batch, source=source, seed=cfg.seed, rank=rank,
+        coupling=make_coupling(cfg.coupling.kind, **cfg.coupling.kwargs),
+    )
+    board = ProgressBoard.find(config.get("progress"))
+    running, t_start, start = [], time.perf_counter(), state["step"]
+    model.train()
+    for batch in pairs.stream(state["step"], cfg.train.steps):
+        step = batch.step + 1
+        loss = flow_matching_loss(ddp_model, path, batch.x0, batch.x1, t=batch.t, parameterization=model.parameterization)
+        lr = warmup_lr(batch.step, cfg.train.lr, cfg.train.warmup_steps)
+        running.append(optimizer_step(loss, model, optimizer, ema, lr, cfg.train.grad_clip))
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            state["losses"].append([step, float(np.mean(running))])
+            running = []
+            if rank == 0 and board:
+                rate = (step - start) / (time.perf_counter() - t_start)
+                board.update.remote(step, cfg.train.steps, state["losses"][-1][1], rate)
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            state["step"] = step
+            _report(step, state, model, ema, optimizer, spec, rank)
+
+
+def _report(step, state, model, ema, optimizer, spec, rank) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    metrics = {"step": step, "loss": state["losses"][-1][1] if state["losses"] else float("nan")}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, spec, Path(d))
+        save_weights(ema.shadow, Path(d) / EMA_FILE)
+        torch.save(optimizer.state_dict(), Path(d) / OPTIMIZER_FILE)
+        (Path(d) / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

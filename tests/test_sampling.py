@@ -1,0 +1,74 @@
+"""models.sampling: shards, seeds and the grid that make sample sets independent of the worker count."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import ModelSpec, save_model
+from models.sampling import Sampler, Setting, sampling_grid, shard_seed, shards
+from models.training import optimizer_step, warmup_lr
+
+
+def test_shards_cover_the_set_exactly():
+    assert shards(10, 4) == [(0, 4), (1, 4), (2, 2)]
+    assert shards(8, 4) == [(0, 4), (1, 4)]
+    assert sum(n for _, n in shards(1001, 125)) == 1001
+
+
+def test_shard_seeds_are_distinct_and_stable():
+    seeds = {shard_seed(0, i) for i in range(1000)}
+    assert len(seeds) == 1000
+    assert shard_seed(3, 7) == shard_seed(3, 7) != shard_seed(4, 7)
+
+
+def test_grid_adds_the_untrained_baseline_at_the_largest_fixed_nfe():
+    solvers = [SimpleNamespace(method="euler", nfe=[1, 100], atol=1e-5, rtol=1e-5),
+               SimpleNamespace(method="dopri5", nfe=None, atol=1e-4, rtol=1e-4)]
+    grid = sampling_grid(solvers)
+    assert [s.label for s in grid] == ["nfe=1", "nfe=100", "adaptive", "nfe=100,untrained"]
+    assert grid[-1] == Setting("euler", 100, untrained=True)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.manual_seed(1)
+    spec = ModelSpec("mlp", (2,), network_kwargs={"hidden": 16, "layers": 2})
+    save_model(spec.build(), spec, tmp_path)
+    return str(tmp_path)
+
+
+def test_a_shard_is_the_same_whatever_ran_before_it(model_dir):
+    a, b = Sampler(model_dir, 0, None), Sampler(model_dir, 0, None)
+    setting = Setting("euler", 4)
+    first = a.run(setting, 1, 8, seed=5)["x"]
+    b.run(setting, 0, 8, seed=5)
+    b.run(Setting("euler", 4, untrained=True), 3, 8, seed=5)
+    np.testing.assert_array_equal(first, b.run(setting, 1, 8, seed=5)["x"])
+    assert not np.array_equal(first, a.run(setting, 2, 8, seed=5)["x"])
+
+
+def test_untrained_baseline_is_the_initialisation_of_the_seed(model_dir, tmp_path):
+    sampler = Sampler(model_dir, untrained_seed=1, source_path=None)
+    trained, untrained = sampler.model.state_dict(), sampler.untrained.state_dict()
+    assert all(torch.equal(trained[k], untrained[k]) for k in trained)  # the saved model was seed 1's init
+
+
+def test_source_rows_are_drawn_from_the_source_file(model_dir, tmp_path):
+    source = np.arange(20, dtype=np.float32).reshape(10, 2)
+    np.save(tmp_path / "src.npy", source)
+    out = Sampler(model_dir, 0, str(tmp_path / "src.npy")).run(Setting("euler", 1), 0, 6, seed=0, trajectory=2)
+    start = out["trajectory"][0]  # (time points, samples kept, ...): the first time point
+    assert len(start) == 2 and all(any(np.array_equal(row, s) for s in source) for row in start)
+
+
+def test_warmup_lr_and_optimizer_step():
+    assert warmup_lr(0, 1.0, 4) == 0.25 and warmup_lr(3, 1.0, 4) == 1.0 and warmup_lr(0, 1.0, 0) == 1.0
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=123.0)
+    before = net.weight.detach().clone()
+    loss = (net(torch.ones(1, 2)) ** 2).sum()
+    value = optimizer_step(loss, net, opt, None, lr=0.1, grad_clip=1e-3)
+    assert opt.param_groups[0]["lr"] == 0.1 and value == pytest.approx(loss.item())
+    assert (net.weight - before).norm() <= 0.1 * 1e-3 + 1e-9  # clipped gradient, scaled by the step's lr
