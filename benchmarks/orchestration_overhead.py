@@ -63,11 +63,11 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     from models.data import DatasetSpec, load_dataset
     from models.ema import EMA
     from models.losses import flow_matching_loss
-    from models.metrics import mmd_rbf, wasserstein2
+    from models.metrics import mmd_rbf, scoring_blocks, summarize_blocks, wasserstein2
     from models.pairs import PairSampler
     from models.couplings import make_coupling
     from models.paths import GaussianPath
-    from models.training import optimizer_step, warmup_lr
+    from models.training import optimizer_step, scheduled_lr
     from tasks.config import load_config
 
     torch.set_num_threads(threads)
@@ -113,7 +113,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
         step = batches[0].step
         x0, x1, tt = (torch.cat([getattr(b, k) for b in batches]) for k in ("x0", "x1", "t"))
         loss = flow_matching_loss(model, path, x0, x1, t=tt)
-        lr = warmup_lr(step, cfg.train.lr, cfg.train.warmup_steps)
+        lr = scheduled_lr(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_schedule)
         losses.append(optimizer_step(loss, model, opt, ema, lr, cfg.train.grad_clip))
     stages["train"] = time.perf_counter() - t
     torch.set_num_threads(threads)
@@ -130,32 +130,30 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
         source_path = workdir / "source-test.npy"
         np.save(source_path, source.test)
     sampler = Sampler(str(workdir / "model"), cfg.seed, source_path and str(source_path), threads=threads)
-    n_total = cfg.sample.n_samples
-    sets = {}
+    n_total = cfg.sample.n_samples * cfg.sample.sets
+    samples = {}
     for setting in grid:
         results = [sampler.run(setting, i, n, cfg.seed, cfg.sample.trajectories if i == 0 else 0)
                    for i, n in shards(n_total, cfg.sample.shard_size)]
-        sets[setting.label] = np.concatenate([r["x"] for r in results])
+        samples[setting.label] = np.concatenate([r["x"] for r in results])
     stages["sample"] = time.perf_counter() - t
 
-    # Evaluation: tasks/evaluate.py's protocol.
+    # Evaluation: tasks/evaluate.py's protocol (same blocks, scores and summary), in this process.
     t = time.perf_counter()
     limit = cfg.evaluate.n_reference or (10_000 if splits.kind == "points" else len(splits.test))
     reference = splits.test[:limit]
-    real = splits.train[np.random.default_rng(cfg.seed).permutation(len(splits.train))[: n_total]]
-    sets = {"floor": real} | sets
-    metrics = {}
-    for label, x in sets.items():
+    blocks = scoring_blocks(splits.train, samples, cfg.sample.n_samples, cfg.sample.sets, cfg.seed)
+    scores = {}
+    for key, x in blocks.items():
         if splits.kind == "points":
-            values = {"w2": wasserstein2(x, reference), "mmd": mmd_rbf(x[:2000], reference[:2000])}
+            scores[key] = {"w2": wasserstein2(x, reference), "mmd": mmd_rbf(x[:2000], reference[:2000])}
         else:
             from models.features import fid_kid
 
             values = fid_kid(x, reference, weights_path=weights, reference_cache_name="bare",
                              cache_root=workdir / "fidelity-cache", kid_subset_size=cfg.evaluate.kid_subset_size)
-        for name, value in values.items():
-            if name != "kid_std":
-                metrics[f"{name}_floor" if label == "floor" else f"{name}@{label}"] = value
+            scores[key] = {"fid": values["fid"], "kid": values["kid"]}
+    metrics = summarize_blocks(scores, cfg.sample.sets)
     stages["evaluate"] = time.perf_counter() - t
     stages["total_in_process"] = time.perf_counter() - t_start
     out.write_text(json.dumps({"stages": stages, "metrics": metrics, "steps": len(losses),

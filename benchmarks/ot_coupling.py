@@ -64,7 +64,7 @@ from models.metrics import wasserstein2
 from models.pairs import PairSampler
 from models.paths import GaussianPath
 from models.solvers import solve_ode
-from models.training import optimizer_step, warmup_lr
+from models.training import optimizer_step, scheduled_lr
 
 TARGET = "OT training time per step <= 2x independent (batch 512, 2-D, one process)"
 BATCH, LR, WARMUP, CLIP, EMA_DECAY, SEED = 512, 2e-3, 100, 1.0, 0.999, 0
@@ -90,7 +90,7 @@ def train(data, source, coupling, steps: int, prefetch: int, workers: int = 1):
     start = time.perf_counter()
     for batch in pairs.stream(0, steps, prefetch=prefetch, workers=workers):
         loss = flow_matching_loss(model, path, batch.x0, batch.x1, t=batch.t)
-        optimizer_step(loss, model, opt, ema, warmup_lr(batch.step, LR, WARMUP), CLIP)
+        optimizer_step(loss, model, opt, ema, scheduled_lr(batch.step, LR, WARMUP, steps), CLIP)
     return model, ema, (time.perf_counter() - start) / steps
 
 

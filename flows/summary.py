@@ -35,6 +35,12 @@ def write_summary(out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dic
         "config_hash": cfg.digest(),
         "model_hash": model.hash,
         "metrics": metrics,
+        "evaluation": {  # how to read the metrics: what was scored against what
+            "samples_per_set": cfg.sample.n_samples,
+            "sets": cfg.sample.sets,
+            "reference": "held-out test split",
+            "floor": "the same protocol on random subsets of the training split",
+        },
         "mlflow_run_id": registered["run_id"],
         "registered_model": {k: registered[k] for k in ("name", "version", "aliases")},
         "prefect_flow_run_id": prefect_flow_run_id(),

@@ -60,3 +60,31 @@ def mmd_rbf(
     within_y = (_kernel_sum(yt, yt, bw, chunk) - m * k) / (m * (m - 1))
     across = _kernel_sum(xt, yt, bw, chunk) / (n * m)
     return within_x + within_y - 2.0 * across
+
+
+def scoring_blocks(real: np.ndarray, samples: dict[str, np.ndarray], n: int, sets: int, seed: int) -> dict:
+    """What a sample-quality protocol scores: `sets` consecutive blocks of n of every sample set,
+    keyed (label, k), and as many random subsets of n real examples under the label "floor"."""
+    rng = np.random.default_rng(seed)
+    blocks = {("floor", k): real[rng.permutation(len(real))[:n]] for k in range(sets)}
+    for label, x in samples.items():
+        if len(x) < n * sets:
+            raise ValueError(f"sample set {label!r} has {len(x)} samples; {sets} sets of {n} need {n * sets}")
+        blocks |= {(label, k): x[k * n:(k + 1) * n] for k in range(sets)}
+    return blocks
+
+
+def summarize_blocks(scores: dict, sets: int) -> dict[str, float]:
+    """Per-block scores {(label, k): {metric: value}} -> `<metric>@<label>` (mean over blocks),
+    `<metric>_floor` for the real data, and with sets > 1 the spread `<metric>_sd@<label>` /
+    `<metric>_sd_floor` (sample standard deviation)."""
+    metrics: dict[str, float] = {}
+    for label in dict.fromkeys(label for label, _ in scores):
+        per_set = [scores[(label, k)] for k in range(sets)]
+        for name in per_set[0]:
+            values = [v[name] for v in per_set]
+            key = (lambda m: f"{m}_floor") if label == "floor" else (lambda m: f"{m}@{label}")
+            metrics[key(name)] = float(np.mean(values))
+            if sets > 1:
+                metrics[key(f"{name}_sd")] = float(np.std(values, ddof=1))
+    return metrics

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from models.ema import EMA
 
 
-def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over `warmup_steps` (0: none), then constant."""
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """Learning rate at `step` (0-based): linear warm-up over `warmup_steps` (0: none), then
+    `constant`, or `cosine` decay to 0 at `total_steps` (lower noise in the final weights)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; valid choices: {LR_SCHEDULES}")
+    scale = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "cosine":
+        scale *= 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return lr * scale
 
 
 def optimizer_step(

@@ -22,6 +22,7 @@ from models.networks import NETWORKS
 from models.parameterization import PARAMETERIZATIONS
 from models.paths import SCHEDULERS
 from models.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS
+from models.training import LR_SCHEDULES
 
 SCALES = ("tiny", "cpu", "paper")
 GRAPHS = ("flow-matching",)
@@ -88,6 +89,7 @@ class TrainConfig(Strict):
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     warmup_steps: Annotated[int, Field(ge=0)] = 0
+    lr_schedule: Literal[LR_SCHEDULES] = "constant"  # type: ignore[valid-type]
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
     num_workers: Annotated[int, Field(ge=0)] = 2
@@ -112,6 +114,9 @@ class SolverConfig(Strict):
 
 class SampleConfig(Strict):
     n_samples: PositiveInt = 1000
+    # Independent sample sets of n_samples each; metrics are their mean. FID from a few hundred
+    # images moves by as much as the real-data floor from one noise draw to the next.
+    sets: PositiveInt = 1
     shard_size: PositiveInt = 500
     num_workers: PositiveInt = 2
     solvers: list[SolverConfig] = [SolverConfig(method="euler", nfe=[1, 2, 4, 8, 16, 100])]

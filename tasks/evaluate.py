@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from models.data import Splits
 from models.features import fid_kid, save_classifier, train_feature_extractor
-from models.metrics import mmd_rbf, wasserstein2
+from models.metrics import mmd_rbf, scoring_blocks, summarize_blocks, wasserstein2
 from tasks.config import RunConfig
 from tasks.data import publish, read_dataset, tracked_hash
 from tasks.infra import Ref, file_digest, home, short_hash, store
@@ -51,10 +51,11 @@ def _reference(splits: Splits, cfg: RunConfig) -> np.ndarray:
 
 def _image_scores(x: np.ndarray, reference: np.ndarray, features: Ref, cfg: RunConfig, data: Ref) -> dict:
     cache = f"gendag-{short_hash(data.hash, len(reference))}"
-    return fid_kid(
+    scores = fid_kid(
         x, reference, weights_path=features.path, reference_cache_name=cache,
         cache_root=store() / "fidelity-cache", kid_subset_size=cfg.evaluate.kid_subset_size,
     )
+    return {"fid": scores["fid"], "kid": scores["kid"]}  # KID's own spread over subsets is not reported
 
 
 def point_scores(x: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -73,28 +74,30 @@ def _load_samples(ref: Ref) -> tuple[np.ndarray, np.ndarray]:
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref | None) -> dict[str, float]:
     """Metrics named `<metric>@<setting>`, e.g. `fid@nfe=4`, `w2@adaptive`, plus `<metric>_floor`:
-    the same protocol applied to as many real training examples as there are samples."""
+    the same protocol applied to as many real training examples as there are samples.
+
+    With `sample.sets` = K > 1 every value is the mean over K sample sets of `n_samples` (and
+    over K random subsets of the training data for the floor); `<metric>_sd@...` is their spread.
+    """
     splits = read_dataset(data)
     reference = _reference(splits, cfg)
-    n = cfg.sample.n_samples
-    real = splits.train[np.random.default_rng(cfg.seed).permutation(len(splits.train))[:n]]
-    sets = {"floor": real} | {label: _load_samples(ref)[0] for label, ref in samples.items()}
+    sets = cfg.sample.sets
+    blocks = scoring_blocks(
+        splits.train, {label: _load_samples(ref)[0] for label, ref in samples.items()},
+        cfg.sample.n_samples, sets, cfg.seed,
+    )
     if splits.kind == "points":
-        scores = _parallel_point_scores(sets, reference)
+        scores = _parallel_point_scores(blocks, reference)
     else:
-        scores = {label: _image_scores(x, reference, features, cfg, data) for label, x in sets.items()}
-    metrics: dict[str, float] = {}
-    for label, values in scores.items():
-        for name, value in values.items():
-            if name != "kid_std":
-                metrics[f"{name}_floor" if label == "floor" else f"{name}@{label}"] = value
+        scores = {key: _image_scores(x, reference, features, cfg, data) for key, x in blocks.items()}
+    metrics = summarize_blocks(scores, sets)
     for label, ref in samples.items():
         if label.startswith("adaptive"):
             metrics[f"nfe@{label}"] = float(_load_samples(ref)[1].mean())
     return metrics
 
 
-def _parallel_point_scores(sets: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, dict]:
+def _parallel_point_scores(sets: dict, reference: np.ndarray) -> dict:
     """One Ray task per sample set: exact OT is single-threaded and takes seconds each."""
     import ray
 

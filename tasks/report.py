@@ -90,17 +90,24 @@ def trajectories(sample: Ref, label: str, path: Path) -> Path | None:
 
 
 def quality_vs_nfe(metrics: dict[str, float], kind: str, path: Path) -> Path:
+    """The primary metric against NFE, with the spread over sample sets as error bars when there is one."""
     name = PRIMARY[kind]
     fixed = sorted(
-        (int(m.group(1)), v) for k, v in metrics.items() if (m := re.fullmatch(rf"{name}@nfe=(\d+)", k))
+        (int(m.group(1)), v, metrics.get(f"{name}_sd@nfe={m.group(1)}", 0.0))
+        for k, v in metrics.items() if (m := re.fullmatch(rf"{name}@nfe=(\d+)", k))
     )
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if fixed:
-        ax.plot(*zip(*fixed), "o-", label="fixed-step solver")
+        nfe, value, sd = zip(*fixed)
+        ax.errorbar(nfe, value, yerr=sd, fmt="o-", capsize=3, label="fixed-step solver")
     if f"{name}@adaptive" in metrics:
-        ax.plot([metrics.get("nfe@adaptive", 0)], [metrics[f"{name}@adaptive"]], "s", label="adaptive (dopri5)")
+        ax.errorbar([metrics.get("nfe@adaptive", 0)], [metrics[f"{name}@adaptive"]],
+                    yerr=[metrics.get(f"{name}_sd@adaptive", 0.0)], fmt="s", capsize=3, label="adaptive (dopri5)")
     if f"{name}_floor" in metrics:
-        ax.axhline(metrics[f"{name}_floor"], ls="--", color="gray", label="real data (floor)")
+        floor, sd = metrics[f"{name}_floor"], metrics.get(f"{name}_sd_floor", 0.0)
+        ax.axhline(floor, ls="--", color="gray", label="real data (floor)")
+        if sd:
+            ax.axhspan(max(floor - sd, 1e-12), floor + sd, color="gray", alpha=0.15)
     ax.set(xscale="log", yscale="log", xlabel="function evaluations (NFE)", ylabel=name.upper())
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -29,8 +29,10 @@ SamplerActor = ray.remote(num_cpus=1)(Sampler)
 
 @task(name="sample", cache_policy=NO_CACHE)
 def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting]) -> dict[str, Ref]:
-    """Sample every grid setting with `cfg.sample.num_workers` Ray actors; one .npz per setting."""
-    key = short_hash(SCHEME, model.hash, cfg.seed, cfg.sample.n_samples, cfg.sample.shard_size)
+    """Sample every grid setting with `cfg.sample.num_workers` Ray actors; one .npz per setting
+    holding all `sets` sample sets one after another."""
+    total = cfg.sample.n_samples * cfg.sample.sets
+    key = short_hash(SCHEME, model.hash, cfg.seed, total, cfg.sample.shard_size)
     out_dir = store() / "samples" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {s.label: out_dir / f"{s.method}-{s.label.replace(',', '-').replace('=', '')}.npz" for s in grid}
@@ -41,7 +43,7 @@ def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting]) 
         actors = [
             SamplerActor.remote(model.uri, cfg.seed, source_path) for _ in range(cfg.sample.num_workers)
         ]
-        jobs = [(s, i, n) for s in todo for i, n in shards(cfg.sample.n_samples, cfg.sample.shard_size)]
+        jobs = [(s, i, n) for s in todo for i, n in shards(total, cfg.sample.shard_size)]
         pool = ray.util.ActorPool(actors)
         done: dict[str, list[dict]] = {s.label: [] for s in todo}
         traj = cfg.sample.trajectories

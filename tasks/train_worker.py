@@ -21,7 +21,7 @@ from models.ema import EMA
 from models.losses import flow_matching_loss
 from models.paths import GaussianPath
 from models.pairs import PairSampler
-from models.training import optimizer_step, warmup_lr
+from models.training import optimizer_step, scheduled_lr
 from tasks.config import RunConfig
 from tasks.progress import ProgressBoard
 
@@ -87,7 +87,7 @@ def train_worker(config: dict) -> None:
     for batch in pairs.stream(state["step"], cfg.train.steps):
         step = batch.step + 1
         loss = flow_matching_loss(ddp_model, path, batch.x0, batch.x1, t=batch.t, parameterization=model.parameterization)
-        lr = warmup_lr(batch.step, cfg.train.lr, cfg.train.warmup_steps)
+        lr = scheduled_lr(batch.step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_schedule)
         running.append(optimizer_step(loss, model, optimizer, ema, lr, cfg.train.grad_clip))
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             state["losses"].append([step, float(np.mean(running))])

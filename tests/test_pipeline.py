@@ -118,6 +118,8 @@ def test_digits_fid_kid_with_floor(workspace: Path) -> None:
     metrics = summary["metrics"]
     assert {"fid@nfe=1", "fid@nfe=4", "fid@adaptive", "kid@nfe=4", "fid_floor", "kid_floor"} <= set(metrics)
     assert 0 <= metrics["fid_floor"] < metrics["fid@nfe=4,untrained"]
+    assert summary["evaluation"]["sets"] == 2  # tiny scale: the mean of two sample sets, with their spread
+    assert metrics["fid_sd_floor"] > 0 and metrics["fid_sd@nfe=4"] > 0 and "kid_sd@adaptive" in metrics
     assert list((workspace / "data" / "features").glob("*.safetensors.dvc"))
     assert (workspace / "runs" / "digits" / "report" / "samples.png").stat().st_size > 0
 

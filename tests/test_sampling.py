@@ -8,7 +8,7 @@ import torch
 
 from models.checkpoint import ModelSpec, save_model
 from models.sampling import Sampler, Setting, sampling_grid, shard_seed, shards
-from models.training import optimizer_step, warmup_lr
+from models.training import optimizer_step, scheduled_lr
 
 
 def test_shards_cover_the_set_exactly():
@@ -64,7 +64,13 @@ def test_source_rows_are_drawn_from_the_source_file(model_dir, tmp_path):
 
 
 def test_warmup_lr_and_optimizer_step():
-    assert warmup_lr(0, 1.0, 4) == 0.25 and warmup_lr(3, 1.0, 4) == 1.0 and warmup_lr(0, 1.0, 0) == 1.0
+    assert scheduled_lr(0, 1.0, 4, 100) == 0.25 and scheduled_lr(3, 1.0, 4, 100) == 1.0
+    assert scheduled_lr(0, 1.0, 0, 100) == 1.0 == scheduled_lr(99, 1.0, 0, 100)
+    assert scheduled_lr(50, 1.0, 0, 100, "cosine") == pytest.approx(0.5)
+    assert scheduled_lr(100, 1.0, 0, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert scheduled_lr(0, 1.0, 10, 100, "cosine") == pytest.approx(0.1, rel=1e-3)
+    with pytest.raises(ValueError, match="valid choices"):
+        scheduled_lr(0, 1.0, 0, 10, "linear")
     net = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(net.parameters(), lr=123.0)
     before = net.weight.detach().clone()
