@@ -4,11 +4,10 @@ Graph: `gendag run flow-matching -c <config> --out <ws>/runs/bench` in a fresh
 GENDAG_HOME temp workspace (embedded Prefect server, Ray, Ray Train with 2 DDP
 workers of 1 thread, DVC, MLflow), timed from process launch to exit.
 
-Bare: one fresh Python process (this script with `--bare`), torch with 2 threads,
-except 1 thread in the training loop (`--bare-threads`, `--bare-train-threads`: this
-small UNet trains faster on 1 thread than on 2 here, and 2 threads collapse when
-another process shares the CPU; see BENCHMARKS.md), no
-Prefect/Ray/DVC/MLflow, doing the same work: load the dataset; train the FID feature
+Bare: one fresh Python process (this script with `--bare`), torch with 2 threads
+(`--bare-threads`, `--bare-train-threads`: give the bare loop its fastest setting for
+the model at hand; the digits base-32 UNet trains faster on 2 threads, a base-16 one
+on 1; see BENCHMARKS.md), no Prefect/Ray/DVC/MLflow, doing the same work: load the dataset; train the FID feature
 network (image data); train the same model with the same global batch (the two DDP
 ranks' batches, drawn by the same `PairSampler`s and concatenated), steps, lr
 schedule, grad clip and EMA; sample the same grid (`sampling_grid`: every solver x NFE
@@ -247,8 +246,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=1, help="(bare, graph) pairs to run (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the graph workspaces")
     p.add_argument("--bare-threads", type=int, default=2, help="torch threads of the bare loop (default 2)")
-    p.add_argument("--bare-train-threads", type=int, default=1,
-                   help="torch threads of the bare training loop (default 1: faster than 2 here, see BENCHMARKS.md)")
+    p.add_argument("--bare-train-threads", type=int, default=2,
+                   help="torch threads of the bare training loop (default 2: fastest for the digits config here)")
     p.add_argument("--bare", action="store_true", help=argparse_hidden())
     p.add_argument("--workdir", type=Path, help=argparse_hidden())
     p.add_argument("--bare-out", type=Path, help=argparse_hidden())
