@@ -58,7 +58,6 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     import torch
 
     from flows.cli import resolve_config
-    from models.checkpoint import ModelSpec
     from models.data import DatasetSpec, load_dataset
     from models.ema import EMA
     from models.losses import flow_matching_loss
@@ -93,8 +92,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     t = time.perf_counter()
     torch.set_num_threads(train_threads)
     world = cfg.train.num_workers or 1
-    spec = ModelSpec(cfg.model.network, tuple(splits.train.shape[1:]), cfg.model.parameterization,
-                     cfg.path.scheduler, dict(cfg.model.kwargs), dict(cfg.path.kwargs))
+    spec = cfg.model_spec(tuple(splits.train.shape[1:]))
     torch.manual_seed(cfg.seed)
     model = spec.build()
     ema = EMA(model, decay=cfg.train.ema_decay)

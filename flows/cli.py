@@ -60,7 +60,7 @@ def run(
     from flows.graphs import GRAPH_FLOWS
     from tasks.runtime import start_services
 
-    quiet_expected_failures()
+    quiet_logs()
     start_services()
 
     try:
@@ -70,9 +70,10 @@ def run(
     print_summary(summary, out)
 
 
-def quiet_expected_failures() -> None:
+def quiet_logs() -> None:
     """Prefect logs every failed task with a traceback; the CLI reports user errors in one line
-    and re-raises anything unexpected (so real bugs still show their traceback)."""
+    and re-raises anything unexpected (so real bugs still show their traceback). DVC and MLflow
+    announce their one-time set-up at INFO level; only warnings are shown."""
     import logging
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):

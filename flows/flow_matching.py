@@ -7,12 +7,12 @@ from pathlib import Path
 from prefect import flow
 
 from flows.summary import lineage, write_summary
+from models.sampling import sampling_grid
 from tasks.config import RunConfig
 from tasks.data import read_dataset, version_dataset
 from tasks.evaluate import evaluate, feature_extractor
 from tasks.register import register
 from tasks.report import write_report
-from models.sampling import sampling_grid
 from tasks.sample import sample
 from tasks.train import train
 

@@ -78,13 +78,15 @@ def summarize_blocks(scores: dict, sets: int) -> dict[str, float]:
     """Per-block scores {(label, k): {metric: value}} -> `<metric>@<label>` (mean over blocks),
     `<metric>_floor` for the real data, and with sets > 1 the spread `<metric>_sd@<label>` /
     `<metric>_sd_floor` (sample standard deviation)."""
+    def key(metric: str, label: str) -> str:
+        return f"{metric}_floor" if label == "floor" else f"{metric}@{label}"
+
     metrics: dict[str, float] = {}
     for label in dict.fromkeys(label for label, _ in scores):
         per_set = [scores[(label, k)] for k in range(sets)]
         for name in per_set[0]:
             values = [v[name] for v in per_set]
-            key = (lambda m: f"{m}_floor") if label == "floor" else (lambda m: f"{m}@{label}")
-            metrics[key(name)] = float(np.mean(values))
+            metrics[key(name, label)] = float(np.mean(values))
             if sets > 1:
-                metrics[key(f"{name}_sd")] = float(np.std(values, ddof=1))
+                metrics[key(f"{name}_sd", label)] = float(np.std(values, ddof=1))
     return metrics

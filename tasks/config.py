@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.checkpoint import ModelSpec
 from models.couplings import COUPLINGS
 from models.data import DATASETS
 from models.networks import NETWORKS
@@ -161,6 +162,17 @@ class RunConfig(Strict):
     @property
     def model_name(self) -> str:
         return self.registry.model_name or f"gendag-{self.name}"
+
+    def model_spec(self, data_shape: tuple[int, ...]) -> ModelSpec:
+        """The network, path and parameterization this config trains, for data of `data_shape`."""
+        return ModelSpec(
+            network=self.model.network,
+            data_shape=tuple(data_shape),
+            parameterization=self.model.parameterization,
+            scheduler=self.path.scheduler,
+            network_kwargs=dict(self.model.kwargs),
+            scheduler_kwargs=dict(self.path.kwargs),
+        )
 
     def digest(self) -> str:
         """Content hash of everything that changes the numbers (the config hash in lineage)."""

@@ -82,23 +82,23 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
     splits = read_dataset(data)
     reference = _reference(splits, cfg)
     sets = cfg.sample.sets
+    loaded = {label: _load_samples(ref) for label, ref in samples.items()}  # label -> (x, nfe per shard)
     blocks = scoring_blocks(
-        splits.train, {label: _load_samples(ref)[0] for label, ref in samples.items()},
-        cfg.sample.n_samples, sets, cfg.seed,
+        splits.train, {label: x for label, (x, _) in loaded.items()}, cfg.sample.n_samples, sets, cfg.seed,
     )
     if splits.kind == "points":
         scores = _parallel_point_scores(blocks, reference)
     else:
         scores = {key: _image_scores(x, reference, features, cfg, data) for key, x in blocks.items()}
     metrics = summarize_blocks(scores, sets)
-    for label, ref in samples.items():
+    for label, (_, nfe) in loaded.items():
         if label.startswith("adaptive"):
-            metrics[f"nfe@{label}"] = float(_load_samples(ref)[1].mean())
+            metrics[f"nfe@{label}"] = float(nfe.mean())
     return metrics
 
 
-def _parallel_point_scores(sets: dict, reference: np.ndarray) -> dict:
-    """One Ray task per sample set: exact OT is single-threaded and takes seconds each."""
+def _parallel_point_scores(blocks: dict, reference: np.ndarray) -> dict:
+    """One Ray task per scored block: exact OT is single-threaded and takes seconds each."""
     import ray
 
     from tasks.runtime import ensure_ray
@@ -106,5 +106,5 @@ def _parallel_point_scores(sets: dict, reference: np.ndarray) -> dict:
     ensure_ray()
     remote = ray.remote(num_cpus=1)(point_scores)
     ref = ray.put(reference)
-    futures = {label: remote.remote(x, ref) for label, x in sets.items()}
-    return {label: ray.get(f) for label, f in futures.items()}
+    futures = {key: remote.remote(x, ref) for key, x in blocks.items()}
+    return {key: ray.get(f) for key, f in futures.items()}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from models.checkpoint import ModelSpec, save_model, save_weights
+from models.checkpoint import save_model, save_weights
 from models.couplings import make_coupling
 from models.ema import EMA
 from models.losses import flow_matching_loss
@@ -28,17 +28,6 @@ from tasks.progress import ProgressBoard
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
-
-
-def model_spec(cfg: RunConfig, data_shape: tuple[int, ...]) -> ModelSpec:
-    return ModelSpec(
-        network=cfg.model.network,
-        data_shape=tuple(data_shape),
-        parameterization=cfg.model.parameterization,
-        scheduler=cfg.path.scheduler,
-        network_kwargs=dict(cfg.model.kwargs),
-        scheduler_kwargs=dict(cfg.path.kwargs),
-    )
 
 
 def _load_array(folder: str, split: str = "train") -> torch.Tensor:
@@ -58,7 +47,7 @@ def train_worker(config: dict) -> None:
 
     data = _load_array(config["data"])
     source = _load_array(config["source"]) if config.get("source") else None
-    spec = model_spec(cfg, tuple(data.shape[1:]))
+    spec = cfg.model_spec(tuple(data.shape[1:]))
     model = spec.build()
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
