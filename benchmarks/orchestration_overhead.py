@@ -118,7 +118,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     # Sampling: the graph's grid, shards and seeds, with the sampling workers' own class, in this process.
     t = time.perf_counter()
     from models.checkpoint import save_model
-    from models.sampling import Sampler, sampling_grid, shards
+    from models.sampling import Sampler, sample_count, sampling_grid, shards
 
     grid = sampling_grid(cfg.sample.solvers)
     save_model(ema.shadow, spec, workdir / "model")
@@ -127,11 +127,11 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
         source_path = workdir / "source-test.npy"
         np.save(source_path, source.test)
     sampler = Sampler(str(workdir / "model"), cfg.seed, source_path and str(source_path), threads=threads)
-    n_total = cfg.sample.n_samples * cfg.sample.sets
     samples = {}
     for setting in grid:
+        total = sample_count(setting, cfg.sample.n_samples, cfg.sample.sets)
         results = [sampler.run(setting, i, n, cfg.seed, cfg.sample.trajectories if i == 0 else 0)
-                   for i, n in shards(n_total, cfg.sample.shard_size)]
+                   for i, n in shards(total, cfg.sample.shard_size)]
         samples[setting.label] = np.concatenate([r["x"] for r in results])
     stages["sample"] = time.perf_counter() - t
 
@@ -150,7 +150,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
             values = fid_kid(x, reference, weights_path=weights, reference_cache_name="bare",
                              cache_root=workdir / "fidelity-cache", kid_subset_size=cfg.evaluate.kid_subset_size)
             scores[key] = {"fid": values["fid"], "kid": values["kid"]}
-    metrics = summarize_blocks(scores, cfg.sample.sets)
+    metrics = summarize_blocks(scores)
     stages["evaluate"] = time.perf_counter() - t
     stages["total_in_process"] = time.perf_counter() - t_start
     out.write_text(json.dumps({"stages": stages, "metrics": metrics, "steps": len(losses),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models.sampling import BASELINE_SETS
 from tasks.config import RunConfig
 from tasks.infra import Ref
 from tasks.register import git_commit
@@ -38,6 +39,7 @@ def write_summary(out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dic
         "evaluation": {  # how to read the metrics: what was scored against what
             "samples_per_set": cfg.sample.n_samples,
             "sets": cfg.sample.sets,
+            "baseline_sets": BASELINE_SETS,  # the untrained baseline
             "reference": "held-out test split",
             "floor": "the same protocol on random subsets of the training split",
         },

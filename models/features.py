@@ -58,7 +58,12 @@ class SmallClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised penultimate activations, shape (N, feature_dim)."""
-        return (self.body(x) - self.feature_mean) / self.feature_scale
+        return self.features_and_logits(x)[0]
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one pass; the head reads the raw activations, not the standardised ones."""
+        raw = self.body(x)
+        return (raw - self.feature_mean) / self.feature_scale, self.head(raw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -196,8 +201,8 @@ class ClassifierFeatureExtractor(torch_fidelity.FeatureExtractorBase):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"expected uint8 (N, C, H, W) images, got {x.dtype} {tuple(x.shape)}")
-        features = self.model.features(x.float() / 127.5 - 1.0)
-        out = {FEATURE_LAYER: features, "logits": self.model.head(features)}
+        features, logits = self.model.features_and_logits(x.float() / 127.5 - 1.0)
+        out = {FEATURE_LAYER: features, "logits": logits}
         return tuple(out[name] for name in self.features_list)
 
 

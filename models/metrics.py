@@ -63,30 +63,34 @@ def mmd_rbf(
 
 
 def scoring_blocks(real: np.ndarray, samples: dict[str, np.ndarray], n: int, sets: int, seed: int) -> dict:
-    """What a sample-quality protocol scores: `sets` consecutive blocks of n of every sample set,
-    keyed (label, k), and as many random subsets of n real examples under the label "floor"."""
+    """What a sample-quality protocol scores, keyed (label, k): every sample array cut into its
+    consecutive blocks of n (1 to `sets` of them), and `sets` random subsets of n real examples
+    under the label "floor"."""
     rng = np.random.default_rng(seed)
     blocks = {("floor", k): real[rng.permutation(len(real))[:n]] for k in range(sets)}
     for label, x in samples.items():
-        if len(x) < n * sets:
-            raise ValueError(f"sample set {label!r} has {len(x)} samples; {sets} sets of {n} need {n * sets}")
-        blocks |= {(label, k): x[k * n:(k + 1) * n] for k in range(sets)}
+        count, rest = divmod(len(x), n)
+        if rest or not 1 <= count <= sets:
+            raise ValueError(f"sample set {label!r} has {len(x)} samples; expected 1 to {sets} whole sets of {n}")
+        blocks |= {(label, k): x[k * n:(k + 1) * n] for k in range(count)}
     return blocks
 
 
-def summarize_blocks(scores: dict, sets: int) -> dict[str, float]:
-    """Per-block scores {(label, k): {metric: value}} -> `<metric>@<label>` (mean over blocks),
-    `<metric>_floor` for the real data, and with sets > 1 the spread `<metric>_sd@<label>` /
-    `<metric>_sd_floor` (sample standard deviation)."""
+def summarize_blocks(scores: dict) -> dict[str, float]:
+    """Per-block scores {(label, k): {metric: value}} -> `<metric>@<label>` (mean over the label's
+    blocks), `<metric>_floor` for the real data, and where a label has more than one block the
+    spread `<metric>_sd@<label>` / `<metric>_sd_floor` (sample standard deviation)."""
     def key(metric: str, label: str) -> str:
         return f"{metric}_floor" if label == "floor" else f"{metric}@{label}"
 
+    by_label: dict[str, list[dict]] = {}
+    for (label, _), values in sorted(scores.items(), key=lambda item: item[0][1]):
+        by_label.setdefault(label, []).append(values)
     metrics: dict[str, float] = {}
-    for label in dict.fromkeys(label for label, _ in scores):
-        per_set = [scores[(label, k)] for k in range(sets)]
+    for label, per_set in by_label.items():
         for name in per_set[0]:
             values = [v[name] for v in per_set]
             metrics[key(name, label)] = float(np.mean(values))
-            if sets > 1:
+            if len(values) > 1:
                 metrics[key(f"{name}_sd", label)] = float(np.std(values, ddof=1))
     return metrics

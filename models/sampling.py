@@ -43,6 +43,16 @@ def sampling_grid(solvers) -> list[Setting]:
     return grid + [Setting(best.method, best.nfe, best.atol, best.rtol, untrained=True)]
 
 
+# The untrained baseline's gap to a trained model dwarfs any spread between sample sets, and it
+# costs as much to sample as the largest fixed NFE: one set of it is enough.
+BASELINE_SETS = 1
+
+
+def sample_count(setting: Setting, n_samples: int, sets: int) -> int:
+    """Samples drawn at a setting: `sets` sets of `n_samples` (BASELINE_SETS for the baseline)."""
+    return n_samples * (BASELINE_SETS if setting.untrained else sets)
+
+
 def shard_seed(seed: int, shard: int) -> int:
     """Independent streams per shard (numpy's SeedSequence), not consecutive small seeds."""
     return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])

@@ -78,6 +78,7 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
 
     With `sample.sets` = K > 1 every value is the mean over K sample sets of `n_samples` (and
     over K random subsets of the training data for the floor); `<metric>_sd@...` is their spread.
+    The untrained baseline is one set (`models.sampling.sample_count`).
     """
     splits = read_dataset(data)
     reference = _reference(splits, cfg)
@@ -90,7 +91,7 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
         scores = _parallel_point_scores(blocks, reference)
     else:
         scores = {key: _image_scores(x, reference, features, cfg, data) for key, x in blocks.items()}
-    metrics = summarize_blocks(scores, sets)
+    metrics = summarize_blocks(scores)
     for label, (_, nfe) in loaded.items():
         if label.startswith("adaptive"):
             metrics[f"nfe@{label}"] = float(nfe.mean())

@@ -14,14 +14,14 @@ import ray
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.sampling import Sampler, Setting, shards
+from models.sampling import Sampler, Setting, sample_count, shards
 from tasks.config import RunConfig
 from tasks.infra import Ref, file_digest, short_hash, store
 from tasks.progress import progress_bar
 from tasks.runtime import ensure_ray
 
 
-SCHEME = "shards-v2"  # bump when the way shards are drawn changes: stored samples are keyed by it
+SCHEME = "shards-v3"  # bump when the way shards are drawn changes: stored samples are keyed by it
 
 # Ray ships the class by reference: workers import only models.sampling (torch), not Prefect.
 SamplerActor = ray.remote(num_cpus=1)(Sampler)
@@ -30,9 +30,9 @@ SamplerActor = ray.remote(num_cpus=1)(Sampler)
 @task(name="sample", cache_policy=NO_CACHE)
 def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting]) -> dict[str, Ref]:
     """Sample every grid setting with `cfg.sample.num_workers` Ray actors; one .npz per setting
-    holding all `sets` sample sets one after another."""
-    total = cfg.sample.n_samples * cfg.sample.sets
-    key = short_hash(SCHEME, model.hash, cfg.seed, total, cfg.sample.shard_size)
+    holding its sample sets one after another (see `sample_count`)."""
+    n, sets = cfg.sample.n_samples, cfg.sample.sets
+    key = short_hash(SCHEME, model.hash, cfg.seed, n, sets, cfg.sample.shard_size)
     out_dir = store() / "samples" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {s.label: out_dir / f"{s.method}-{s.label.replace(',', '-').replace('=', '')}.npz" for s in grid}
@@ -43,7 +43,7 @@ def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting]) 
         actors = [
             SamplerActor.remote(model.uri, cfg.seed, source_path) for _ in range(cfg.sample.num_workers)
         ]
-        jobs = [(s, i, n) for s in todo for i, n in shards(total, cfg.sample.shard_size)]
+        jobs = [(s, i, k) for s in todo for i, k in shards(sample_count(s, n, sets), cfg.sample.shard_size)]
         pool = ray.util.ActorPool(actors)
         done: dict[str, list[dict]] = {s.label: [] for s in todo}
         traj = cfg.sample.trajectories

@@ -52,16 +52,20 @@ def test_scoring_blocks_and_summary():
     from models.metrics import scoring_blocks, summarize_blocks
 
     real = np.arange(40, dtype=float)[:, None]
-    samples = {"nfe=4": np.arange(100, 130, dtype=float)[:, None]}
+    samples = {"nfe=4": np.arange(100, 130, dtype=float)[:, None], "baseline": np.full((10, 1), 7.0)}
     blocks = scoring_blocks(real, samples, n=10, sets=3, seed=0)
-    assert sorted(blocks) == [("floor", 0), ("floor", 1), ("floor", 2), ("nfe=4", 0), ("nfe=4", 1), ("nfe=4", 2)]
+    assert sorted(blocks) == [
+        ("baseline", 0), ("floor", 0), ("floor", 1), ("floor", 2), ("nfe=4", 0), ("nfe=4", 1), ("nfe=4", 2)
+    ]
     np.testing.assert_array_equal(blocks[("nfe=4", 1)][:, 0], np.arange(110, 120))
     assert not np.array_equal(blocks[("floor", 0)], blocks[("floor", 1)])  # different random subsets
     scores = {key: {"m": float(x.mean())} for key, x in blocks.items()}
-    metrics = summarize_blocks(scores, sets=3)
+    metrics = summarize_blocks(scores)
     assert metrics["m@nfe=4"] == pytest.approx(114.5)  # blocks average 104.5, 114.5, 124.5
     assert metrics["m_sd@nfe=4"] == pytest.approx(10.0)
-    assert set(metrics) == {"m@nfe=4", "m_sd@nfe=4", "m_floor", "m_sd_floor"}
-    assert set(summarize_blocks({("floor", 0): {"m": 1.0}}, sets=1)) == {"m_floor"}
-    with pytest.raises(ValueError, match="3 sets of 10 need 30"):
-        scoring_blocks(real, {"x": np.zeros((20, 1))}, n=10, sets=3, seed=0)
+    assert metrics["m@baseline"] == 7.0  # one set: a mean and no spread
+    assert set(metrics) == {"m@nfe=4", "m_sd@nfe=4", "m_floor", "m_sd_floor", "m@baseline"}
+    assert set(summarize_blocks({("floor", 0): {"m": 1.0}})) == {"m_floor"}
+    for bad in (np.zeros((25, 1)), np.zeros((40, 1)), np.zeros((5, 1))):  # partial set, too many, too few
+        with pytest.raises(ValueError, match="expected 1 to 3 whole sets of 10"):
+            scoring_blocks(real, {"x": bad}, n=10, sets=3, seed=0)

@@ -120,6 +120,7 @@ def test_digits_fid_kid_with_floor(workspace: Path) -> None:
     assert 0 <= metrics["fid_floor"] < metrics["fid@nfe=4,untrained"]
     assert summary["evaluation"]["sets"] == 2  # tiny scale: the mean of two sample sets, with their spread
     assert metrics["fid_sd_floor"] > 0 and metrics["fid_sd@nfe=4"] > 0 and "kid_sd@adaptive" in metrics
+    assert "fid_sd@nfe=4,untrained" not in metrics  # the baseline is one set
     assert list((workspace / "data" / "features").glob("*.safetensors.dvc"))
     assert (workspace / "runs" / "digits" / "report" / "samples.png").stat().st_size > 0
 

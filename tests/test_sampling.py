@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.checkpoint import ModelSpec, save_model
-from models.sampling import Sampler, Setting, sampling_grid, shard_seed, shards
+from models.sampling import Sampler, Setting, sample_count, sampling_grid, shard_seed, shards
 from models.training import optimizer_step, scheduled_lr
 
 
@@ -29,6 +29,7 @@ def test_grid_adds_the_untrained_baseline_at_the_largest_fixed_nfe():
     grid = sampling_grid(solvers)
     assert [s.label for s in grid] == ["nfe=1", "nfe=100", "adaptive", "nfe=100,untrained"]
     assert grid[-1] == Setting("euler", 100, untrained=True)
+    assert [sample_count(s, 500, 8) for s in grid] == [4000, 4000, 4000, 500]  # the baseline is one set
 
 
 @pytest.fixture
