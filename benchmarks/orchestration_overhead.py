@@ -23,8 +23,8 @@ Ray Train's start-up).
 
     .venv/bin/python benchmarks/orchestration_overhead.py [--quick] [--config C] [--set k=v ...] [--pairs K]
 
-Default: the digits config at cpu scale (UNet, 3000 steps of batch 128, 500 samples
-on the Euler NFE 1..100 + dopri5 grid, FID/KID). `--quick` runs the tiny scale.
+Default: the digits config at cpu scale (its UNet, steps, batch, sample sets and
+Euler NFE 1..100 + dopri5 grid, FID/KID). `--quick` runs the tiny scale.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ ratio(method) = time of solve_ode(model.velocity, x0, method, nfe=N) / (N x time
 measured for euler, midpoint, heun, rk4 at N = 100 and for dopri5 per *reported* NFE,
 on the two networks the shipped configs sample with, at their shard size:
 
-- digits: the digits config's UNet (base 16, mults [1, 2], 1 res block) on 125 x 1 x 8 x 8;
-- moons:  the moons config's MLP (hidden 256, 4 layers) on 1000 x 2 points.
+- digits: the digits config's UNet on its shard size of 1 x 8 x 8 images;
+- moons:  the moons config's MLP on its shard size of 2-D points.
+
+(both read from the shipped configs at `cpu` scale).
 
 The overhead is split in two: `Denoiser.velocity` (time_batch + parameterization
 conversion) vs the bare net, and the solver loop vs N calls of `Denoiser.velocity`.
@@ -27,18 +29,23 @@ import torch
 
 from models.checkpoint import ModelSpec
 from models.solvers import solve_ode
+from tasks.config import load_config
 
 TARGET = "solve_ode time <= 1.1 x (NFE x one net(x, t) forward)"
 FIXED = ("euler", "midpoint", "heun", "rk4")
 
-MODELS = {
-    "digits-unet": (
-        ModelSpec("unet", (1, 8, 8), network_kwargs={"base_channels": 16, "channel_mults": [1, 2],
-                                                      "num_res_blocks": 1, "groups": 4}),
-        125, 1e-4,
-    ),
-    "moons-mlp": (ModelSpec("mlp", (2,), network_kwargs={"hidden": 256, "layers": 4}), 1000, 1e-5),
-}
+SHAPES = {"digits": (1, 8, 8), "gaussians-to-moons": (2,)}
+
+
+def shipped_models() -> dict[str, tuple[ModelSpec, int, float]]:
+    """name -> (model spec, shard size, dopri5 tolerance) of the configs the main job runs."""
+    out = {}
+    for config, shape in SHAPES.items():
+        cfg = load_config(C.ROOT / "configs" / "flow-matching" / f"{config}.yaml")
+        adaptive = [s for s in cfg.sample.solvers if not s.nfe]
+        tol = adaptive[0].atol if adaptive else 1e-5
+        out[f"{config}-{cfg.model.network}"] = (cfg.model_spec(shape), cfg.sample.shard_size, tol)
+    return out
 
 
 def build(spec: ModelSpec):
@@ -98,7 +105,7 @@ def main() -> None:
     nfe, rounds = (20, 3) if args.quick else (100, 7)
     print(f"machine before: {C.uptime()}")
     rows = []
-    for name, (spec, batch, tol) in MODELS.items():
+    for name, (spec, batch, tol) in shipped_models().items():
         rows += measure(name, spec, batch, tol, nfe, rounds)
     C.print_table(
         f"solve_ode cost per NFE vs one bare net(x, t) forward (best of {rounds} rounds; torch 1 thread)",

@@ -78,12 +78,20 @@ def dataset_spec(data: DataConfig, seed: int) -> DatasetSpec:
     return DatasetSpec(**fields, seed=seed)
 
 
+def spec_hash(spec: DatasetSpec) -> str:
+    return short_hash(repr(replace(spec)))
+
+
+def dataset_folder(spec: DatasetSpec) -> Path:
+    """Where a dataset's splits live: data/<name>-<hash of the spec>."""
+    return home() / "data" / f"{spec.name}-{spec_hash(spec)}"
+
+
 @task(name="version-dataset", cache_policy=NO_CACHE)
 def version_dataset(data: DataConfig, seed: int) -> Ref:
     """Materialize a dataset with fixed seed and splits under data/, tracked by DVC."""
     spec = dataset_spec(data, seed)
-    spec_hash = short_hash(repr(replace(spec)))
-    folder = home() / "data" / f"{spec.name}-{spec_hash}"
+    folder = dataset_folder(spec)
     digest = tracked_hash(folder)
     if digest is None:
         partial = folder.with_name(folder.name + ".partial")
@@ -93,7 +101,7 @@ def version_dataset(data: DataConfig, seed: int) -> Ref:
     else:
         with _DVC_LOCK:
             dvc_repo().push(targets=[str(folder.with_name(folder.name + ".dvc"))])
-    return Ref("dataset", str(folder), digest, spec_hash)
+    return Ref("dataset", str(folder), digest, spec_hash(spec))
 
 
 def read_dataset(ref: Ref):

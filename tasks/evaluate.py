@@ -9,6 +9,8 @@ i.e. what real data scores with this sample count.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -24,6 +26,12 @@ W2_REFERENCE_POINTS = 10_000
 MMD_POINTS = 2_000
 
 
+def feature_path(cfg: RunConfig, data_hash: str) -> Path:
+    """The feature network of a dataset version: data/features/<name>-<hash>.safetensors."""
+    name = f"{cfg.data.name}-{short_hash(data_hash, cfg.evaluate.feature_epochs, cfg.seed)}.safetensors"
+    return home() / "data" / "features" / name
+
+
 @task(name="feature-extractor", cache_policy=NO_CACHE)
 def feature_extractor(cfg: RunConfig, data: Ref) -> Ref | None:
     """The FID feature network for this dataset: trained once per data hash, tracked by DVC."""
@@ -33,7 +41,7 @@ def feature_extractor(cfg: RunConfig, data: Ref) -> Ref | None:
     if cfg.evaluate.inception_weights:
         path = home() / cfg.evaluate.inception_weights
         return Ref("inception-weights", str(path), file_digest(path))
-    target = home() / "data" / "features" / f"{cfg.data.name}-{short_hash(data.hash, cfg.evaluate.feature_epochs, cfg.seed)}.safetensors"
+    target = feature_path(cfg, data.hash)
     digest = tracked_hash(target)
     if digest is None:
         model, info = train_feature_extractor(splits, seed=cfg.seed, epochs=cfg.evaluate.feature_epochs)
