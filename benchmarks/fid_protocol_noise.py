@@ -25,13 +25,12 @@ import _common as C  # noqa: I001  (puts the repo on sys.path)
 import numpy as np
 
 from models.data import load_splits
-from models.features import fid_kid
-from models.metrics import scoring_blocks, summarize_blocks
+from models.metrics import reference_set, scoring_blocks, summarize_blocks
 from models.sampling import Sampler, Setting, shards
 from tasks.config import RunConfig
 from tasks.data import dataset_folder, dataset_spec
-from tasks.evaluate import feature_path
-from tasks.infra import folder_digest, home, short_hash, store
+from tasks.evaluate import feature_path, image_scores
+from tasks.infra import Ref, folder_digest, home
 
 TARGET = "report: mean FID over many sets / floor, its standard error, and the sets a run needs"
 
@@ -71,21 +70,20 @@ def main() -> None:
     sampler = Sampler(str(model_dir), cfg.seed, None, threads=args.threads)
     x = np.concatenate([sampler.run(setting, i, k, args.seed)["x"] for i, k in shards(n * sets, cfg.sample.shard_size)])
     sampled = time.perf_counter() - t
-    reference = splits.test[: cfg.evaluate.n_reference or len(splits.test)]
-    cache = store() / "fidelity-cache"
+    reference = reference_set(splits.test, splits.kind, cfg.evaluate.n_reference)
+    features, data = Ref("feature-extractor", str(weights), ""), Ref("dataset", str(data_dir), summary["data_hash"])
     blocks = scoring_blocks(splits.train, {label: x}, n, sets, args.seed)
-    scores = {key: {"fid": fid_kid(v, reference, weights, f"noise-{short_hash(summary['data_hash'])}", cache)["fid"]}
-              for key, v in blocks.items()}
+    scores = {key: image_scores(v, reference, features, cfg, data) for key, v in blocks.items()}  # the run's cache
     m = summarize_blocks(scores)
     fid, sd, floor, floor_sd = m[f"fid@{label}"], m[f"fid_sd@{label}"], m["fid_floor"], m["fid_sd_floor"]
     ratio = fid / floor
     ratio_se = ratio * math.hypot(sd / fid, floor_sd / floor) / math.sqrt(sets)  # delta method
     per_set_ratio_sd = ratio_se * math.sqrt(sets)
+    reported, reported_floor = summary["metrics"].get(f"fid@{label}", math.nan), summary["metrics"]["fid_floor"]
     rows = [
-        [f"fid@{label}", fid, sd, sd / math.sqrt(sets), summary["metrics"].get(f"fid@{label}", float("nan"))],
-        ["fid_floor", floor, floor_sd, floor_sd / math.sqrt(sets), summary["metrics"]["fid_floor"]],
-        ["ratio", ratio, per_set_ratio_sd, ratio_se,
-         summary["metrics"].get(f"fid@{label}", float("nan")) / summary["metrics"]["fid_floor"]],
+        [f"fid@{label}", fid, sd, sd / math.sqrt(sets), reported],
+        ["fid_floor", floor, floor_sd, floor_sd / math.sqrt(sets), reported_floor],
+        ["ratio", ratio, per_set_ratio_sd, ratio_se, reported / reported_floor],
     ]
     C.print_table(f"{sets} new sets of {n} (seed {args.seed}) vs the run's {cfg.sample.sets} sets",
                   ["metric", "mean", "sd per set", "std. error", "the run reported"], rows)

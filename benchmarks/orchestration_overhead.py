@@ -61,7 +61,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     from models.data import DatasetSpec, load_dataset
     from models.ema import EMA
     from models.losses import flow_matching_loss
-    from models.metrics import mmd_rbf, scoring_blocks, summarize_blocks, wasserstein2
+    from models.metrics import mmd_rbf, reference_set, scoring_blocks, summarize_blocks, wasserstein2
     from models.pairs import PairSampler
     from models.couplings import make_coupling
     from models.paths import GaussianPath
@@ -137,8 +137,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
 
     # Evaluation: tasks/evaluate.py's protocol (same blocks, scores and summary), in this process.
     t = time.perf_counter()
-    limit = cfg.evaluate.n_reference or (10_000 if splits.kind == "points" else len(splits.test))
-    reference = splits.test[:limit]
+    reference = reference_set(splits.test, splits.kind, cfg.evaluate.n_reference)
     blocks = scoring_blocks(splits.train, samples, cfg.sample.n_samples, cfg.sample.sets, cfg.seed)
     scores = {}
     for key, x in blocks.items():

@@ -8,6 +8,13 @@ import torch
 # The network simplex needs many more pivots than POT's default (100k) to converge on
 # 10,000 x 10,000 problems; stopping early would silently return a worse plan.
 EMD_MAX_ITER = 100_000_000
+W2_REFERENCE_POINTS = 10_000
+
+
+def reference_set(test: np.ndarray, kind: str, n_reference: int | None = None) -> np.ndarray:
+    """What samples are scored against: the held-out split, capped at `n_reference` (by default
+    all of it for images, 10,000 points for point clouds)."""
+    return test[: n_reference or (W2_REFERENCE_POINTS if kind == "points" else len(test))]
 
 
 def _as_float64_points(points: np.ndarray) -> np.ndarray:

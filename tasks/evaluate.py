@@ -15,14 +15,12 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.data import Splits
 from models.features import fid_kid, save_classifier, train_feature_extractor
-from models.metrics import mmd_rbf, scoring_blocks, summarize_blocks, wasserstein2
+from models.metrics import mmd_rbf, reference_set, scoring_blocks, summarize_blocks, wasserstein2
 from tasks.config import RunConfig
 from tasks.data import publish, read_dataset, tracked_hash
 from tasks.infra import Ref, file_digest, home, short_hash, store
 
-W2_REFERENCE_POINTS = 10_000
 MMD_POINTS = 2_000
 
 
@@ -52,12 +50,7 @@ def feature_extractor(cfg: RunConfig, data: Ref) -> Ref | None:
     return Ref("feature-extractor", str(target), digest, data.hash)
 
 
-def _reference(splits: Splits, cfg: RunConfig) -> np.ndarray:
-    limit = cfg.evaluate.n_reference or (W2_REFERENCE_POINTS if splits.kind == "points" else len(splits.test))
-    return splits.test[:limit]
-
-
-def _image_scores(x: np.ndarray, reference: np.ndarray, features: Ref, cfg: RunConfig, data: Ref) -> dict:
+def image_scores(x: np.ndarray, reference: np.ndarray, features: Ref, cfg: RunConfig, data: Ref) -> dict:
     cache = f"gendag-{short_hash(data.hash, len(reference))}"
     scores = fid_kid(
         x, reference, weights_path=features.path, reference_cache_name=cache,
@@ -89,7 +82,7 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
     The untrained baseline is one set (`models.sampling.sample_count`).
     """
     splits = read_dataset(data)
-    reference = _reference(splits, cfg)
+    reference = reference_set(splits.test, splits.kind, cfg.evaluate.n_reference)
     sets = cfg.sample.sets
     loaded = {label: _load_samples(ref) for label, ref in samples.items()}  # label -> (x, nfe per shard)
     blocks = scoring_blocks(
@@ -98,7 +91,7 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
     if splits.kind == "points":
         scores = _parallel_point_scores(blocks, reference)
     else:
-        scores = {key: _image_scores(x, reference, features, cfg, data) for key, x in blocks.items()}
+        scores = {key: image_scores(x, reference, features, cfg, data) for key, x in blocks.items()}
     metrics = summarize_blocks(scores)
     for label, (_, nfe) in loaded.items():
         if label.startswith("adaptive"):
