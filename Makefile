@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## The main job: flow matching on 8 gaussians -> moons and on the 8x8 digits, cpu scale.
+## The main job: flow matching on 8 gaussians -> moons and on the 8x8 digits, cpu scale, in one
+## process (one Prefect server, one Ray): runs/main/gaussians-to-moons and runs/main/digits.
 run: $(STAMP)
-	$(BIN)/gendag run flow-matching --config flow-matching/gaussians-to-moons --scale cpu --out runs/main/moons
-	$(BIN)/gendag run flow-matching --config flow-matching/digits --scale cpu --out runs/main/digits
+	$(BIN)/gendag run flow-matching -c flow-matching/gaussians-to-moons -c flow-matching/digits --scale cpu --out runs/main
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

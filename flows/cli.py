@@ -38,36 +38,65 @@ def resolve_config(graph: str, config: str | None) -> Path:
 @app.command()
 def run(
     graph: str = typer.Argument(..., help="Task graph to run (see `gendag list`)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file or name under configs/."),
+    config: Optional[list[str]] = typer.Option(
+        None, "--config", "-c", help="YAML config file or name under configs/; repeat to run several in one go."
+    ),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a value: key.sub=value (repeatable)."),
     scale: str = typer.Option("cpu", "--scale", help="tiny | cpu | paper"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<name>)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output folder (default runs/<name>-<scale>); with several configs, "
+        "the parent of one folder per config file."
+    ),
 ) -> None:
-    """Run a task graph through Prefect and print its results."""
+    """Run a task graph through Prefect and print its results.
+
+    Several configs run one after another in one process: they share the Prefect server and
+    Ray, and all are validated before the first one starts."""
     from models.data import DatasetError
     from tasks.config import GRAPHS, ConfigError, load_config
 
     if graph not in GRAPHS:
         fail(f"graph {graph!r}: expected one of {', '.join(GRAPHS)}")
-    try:
-        cfg = load_config(resolve_config(graph, config), scale=scale, overrides=set_)
-    except ConfigError as e:
-        fail(str(e))
-    if cfg.graph != graph:
-        fail(f"config graph {cfg.graph!r} does not match the requested graph {graph!r}")
-    out = out or Path("runs") / f"{cfg.name}-{scale}"
+    runs, several = [], len(config or []) > 1
+    for name in config or [None]:
+        path = resolve_config(graph, name)
+        try:
+            cfg = load_config(path, scale=scale, overrides=set_)
+        except ConfigError as e:
+            fail(str(e))  # it names the file
+        if cfg.graph != graph:
+            fail(f"config graph {cfg.graph!r} does not match the requested graph {graph!r}")
+        runs.append((cfg, _run_folder(out, path, cfg, scale, several)))
+    folders = [folder for _, folder in runs]
+    clashes = sorted({str(folder) for folder in folders if folders.count(folder) > 1})
+    if clashes:
+        fail(f"--config: two configs would write to the same folder {clashes[0]}")
+
     configure_environment()
-    from flows.graphs import GRAPH_FLOWS
     from tasks.runtime import start_services
 
     quiet_logs()
-    start_services()
+    graph_flow = start_services(lambda: _graph_flow(graph))
+    for cfg, folder in runs:
+        try:
+            summary = graph_flow(cfg, folder.resolve())
+        except (ConfigError, DatasetError, FileNotFoundError) as e:
+            fail(str(e).splitlines()[0] if str(e) else repr(e))
+        print_summary(summary, folder)
 
-    try:
-        summary = GRAPH_FLOWS[graph](cfg, out.resolve())
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
-        fail(str(e).splitlines()[0] if str(e) else repr(e))
-    print_summary(summary, out)
+
+def _run_folder(out: Path | None, config: Path, cfg, scale: str, several: bool) -> Path:
+    """--out itself for one config; for several, --out/<config file name> each."""
+    if out is None:
+        return Path("runs") / f"{cfg.name}-{scale}"
+    return out / config.stem if several else out
+
+
+def _graph_flow(graph: str):
+    """Imported while the services boot: it pulls in torch, Ray and the tasks."""
+    from flows.graphs import GRAPH_FLOWS
+
+    return GRAPH_FLOWS[graph]
 
 
 def quiet_logs() -> None:

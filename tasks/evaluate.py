@@ -16,12 +16,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.features import fid_kid, save_classifier, train_feature_extractor
-from models.metrics import mmd_rbf, reference_set, scoring_blocks, summarize_blocks, wasserstein2
+from models.metrics import point_scores, reference_set, scoring_blocks, summarize_blocks
 from tasks.config import RunConfig
 from tasks.data import publish, read_dataset, tracked_hash
 from tasks.infra import Ref, file_digest, home, short_hash, store
-
-MMD_POINTS = 2_000
 
 
 def feature_path(cfg: RunConfig, data_hash: str) -> Path:
@@ -59,14 +57,6 @@ def image_scores(x: np.ndarray, reference: np.ndarray, features: Ref, cfg: RunCo
     return {"fid": scores["fid"], "kid": scores["kid"]}  # KID's own spread over subsets is not reported
 
 
-def point_scores(x: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Exact W2 against the whole reference; MMD on the first MMD_POINTS of each (it is O(n^2))."""
-    return {
-        "w2": wasserstein2(x, reference),
-        "mmd": mmd_rbf(x[:MMD_POINTS], reference[:MMD_POINTS]),
-    }
-
-
 def _load_samples(ref: Ref) -> tuple[np.ndarray, np.ndarray]:
     with np.load(ref.path, allow_pickle=False) as f:
         return f["x"], f["nfe"]
@@ -100,7 +90,8 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
 
 
 def _parallel_point_scores(blocks: dict, reference: np.ndarray) -> dict:
-    """One Ray task per scored block: exact OT is single-threaded and takes seconds each."""
+    """One Ray task per scored block: exact OT is single-threaded and takes seconds each.
+    `point_scores` lives in `models.metrics`, so the workers import no Prefect."""
     import ray
 
     from tasks.runtime import ensure_ray

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def ensure_ray() -> None:
@@ -28,10 +31,11 @@ def ensure_ray() -> None:
     )
 
 
-def start_services() -> None:
-    """Boot the embedded Prefect server and Ray side by side: each takes seconds, mostly waiting
-    on its own processes. Prefect reuses the started server (its temporary server is a
-    per-process singleton); a failure here surfaces again, with Prefect's message, on first use."""
+def start_services(meanwhile: Callable[[], T]) -> T:
+    """Boot the embedded Prefect server and Ray side by side, and run `meanwhile` (e.g. heavy
+    imports) while they come up: each takes seconds, mostly waiting on its own processes.
+    Prefect reuses the started server (its temporary server is a per-process singleton); a
+    failure here surfaces again, with Prefect's message, on first use."""
     import threading
 
     from prefect.settings import PREFECT_API_URL
@@ -48,6 +52,8 @@ def start_services() -> None:
 
         prefect_boot = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
         prefect_boot.start()
+    result = meanwhile()
     ensure_ray()
     if prefect_boot:
         prefect_boot.join()
+    return result

@@ -113,16 +113,25 @@ def test_killed_training_resumes_and_same_seed_gives_same_numbers(moons: dict, w
     assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
 
 
-def test_digits_fid_kid_with_floor(workspace: Path) -> None:
-    summary = gendag(*DIGITS, "--out", str(workspace / "runs" / "digits"))
-    metrics = summary["metrics"]
+def test_two_configs_in_one_process(moons: dict, workspace: Path) -> None:
+    """The main job's form: several configs, one Prefect server and one Ray, one folder each.
+    Moons reuses its finished model and samples and scores the same numbers again."""
+    result = CliRunner().invoke(app, [*DIGITS, "-c", "flow-matching/gaussians-to-moons",
+                                      "--out", str(workspace / "runs" / "both")])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    digits, again = (json.loads((workspace / "runs" / "both" / name / "summary.json").read_text())
+                     for name in ("digits", "gaussians-to-moons"))
+    assert again["metrics"] == moons["metrics"]
+    assert digits["prefect_flow_run_id"] != again["prefect_flow_run_id"]
+
+    metrics = digits["metrics"]
     assert {"fid@nfe=1", "fid@nfe=4", "fid@adaptive", "kid@nfe=4", "fid_floor", "kid_floor"} <= set(metrics)
     assert 0 <= metrics["fid_floor"] < metrics["fid@nfe=4,untrained"]
-    assert summary["evaluation"]["sets"] == 2  # tiny scale: the mean of two sample sets, with their spread
+    assert digits["evaluation"]["sets"] == 2  # tiny scale: the mean of two sample sets, with their spread
     assert metrics["fid_sd_floor"] > 0 and metrics["fid_sd@nfe=4"] > 0 and "kid_sd@adaptive" in metrics
     assert "fid_sd@nfe=4,untrained" not in metrics  # the baseline is one set
     assert list((workspace / "data" / "features").glob("*.safetensors.dvc"))
-    assert (workspace / "runs" / "digits" / "report" / "samples.png").stat().st_size > 0
+    assert (workspace / "runs" / "both" / "digits" / "report" / "samples.png").stat().st_size > 0
 
 
 def test_bad_config_is_one_line_and_registers_nothing(moons: dict, workspace: Path) -> None:
@@ -131,9 +140,11 @@ def test_bad_config_is_one_line_and_registers_nothing(moons: dict, workspace: Pa
     before = len(MlflowClient().search_model_versions())
     for bad, needle in ((["--set", "train.stepz=3"], "train.stepz: unknown key"),
                         (["--set", "model.network=resnet"], "model.network: got 'resnet'"),
-                        (["--scale", "huge"], "--scale 'huge'")):
+                        (["--scale", "huge"], "--scale 'huge'"),
+                        (["-c", "flow-matching/nope"], "--config flow-matching/nope: no such file")):
         result = CliRunner().invoke(app, [*MOONS, *bad, "--out", str(workspace / "runs" / "bad")])
         assert result.exit_code == 2
         assert needle in result.output and len(result.output.strip().splitlines()) == 1
+    # with several configs, all are checked before the first one runs: moons did not run again
     assert len(MlflowClient().search_model_versions()) == before
     assert not (workspace / "runs" / "bad").exists()
