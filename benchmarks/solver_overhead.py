@@ -1,21 +1,23 @@
 """(c) Sampler cost per NFE vs one bare network forward.
 
-ratio(method) = time of solve_ode(model.velocity, x0, method, nfe=N) / (N x time of one net(x, t))
+ratio(method) = wall time of solve_ode(model.velocity, x0, method) / time spent in the network's
+                forward calls during that same solve
 
-measured for euler, midpoint, heun, rk4 at N = 100 and for dopri5 per *reported* NFE,
-on the two networks the shipped configs sample with, at their shard size:
+i.e. cost per NFE / cost of one bare net(x, t) forward, measured inside one call: the network is
+wrapped in a timer, so both sides see the same inputs at the same moment, and drift in the
+machine's speed (it moves by 10-20% within minutes on this shared machine) cancels. Everything
+outside the forward counts as solver cost: `Denoiser.velocity` (time batching, parameterization
+conversion), the solver's own arithmetic and, for dopri5, torchdiffeq's step control.
+
+Measured for euler, midpoint, heun, rk4 at N = 100 and for dopri5 per *reported* NFE, on the two
+networks the shipped configs sample with, at their shard size and dopri5 tolerance (read from the
+shipped configs at `cpu` scale):
 
 - digits: the digits config's UNet on its shard size of 1 x 8 x 8 images;
 - moons:  the moons config's MLP on its shard size of 2-D points.
 
-(both read from the shipped configs at `cpu` scale).
-
-The overhead is split in two: `Denoiser.velocity` (time_batch + parameterization
-conversion) vs the bare net, and the solver loop vs N calls of `Denoiser.velocity`.
-All timings are interleaved (one round measures everything once). Other processes'
-load only adds time, so the headline ratio is best round / best round (as timeit
-advises); the median over rounds of the within-round ratio is printed next to it. torch uses
-1 thread, as the sampling actors do (models.sampling.Sampler).
+The headline is the median over rounds; a plain loop of N bare forwards is timed in each round
+for reference. torch uses 1 thread, as the sampling actors do (models.sampling.Sampler).
 
     .venv/bin/python benchmarks/solver_overhead.py [--quick]
 """
@@ -26,6 +28,7 @@ import time
 
 import _common as C  # noqa: I001  (puts the repo on sys.path)
 import torch
+from torch import nn
 
 from models.checkpoint import ModelSpec
 from models.solvers import solve_ode
@@ -58,45 +61,56 @@ def build(spec: ModelSpec):
     return model
 
 
+class TimedNet(nn.Module):
+    """The network, with the time spent in its forward calls added up."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.seconds, self.calls = net, 0.0, 0
+
+    def forward(self, x, t):
+        start = time.perf_counter()
+        out = self.net(x, t)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
 def measure(name: str, spec: ModelSpec, batch: int, tol: float, nfe: int, rounds: int) -> list[dict]:
     model = build(spec)
+    bare, model.net = model.net, TimedNet(model.net)
     x0 = torch.randn(batch, *spec.data_shape, generator=torch.Generator().manual_seed(1))
     t = torch.full((batch,), 0.5)
-    times: dict[str, list[float]] = {k: [] for k in ("net", "velocity", *FIXED, "dopri5")}
-    dopri_nfe = 0
+    ratios: dict[str, list[float]] = {m: [] for m in (*FIXED, "dopri5")}
+    net_ms: dict[str, list[float]] = {m: [] for m in (*FIXED, "dopri5", "bare loop")}
+    nfes: dict[str, int] = {}
 
-    @torch.no_grad()
-    def loop(fn) -> float:
+    def solve(method: str) -> None:
+        model.net.seconds, model.net.calls = 0.0, 0
+        kwargs = {"atol": tol, "rtol": tol} if method == "dopri5" else {"nfe": nfe}
         start = time.perf_counter()
-        for _ in range(nfe):
-            fn(x0, t)
-        return (time.perf_counter() - start) / nfe
+        sol = solve_ode(model.velocity, x0, method, **kwargs)
+        wall = time.perf_counter() - start
+        assert model.net.calls == sol.nfe
+        ratios[method].append(wall / model.net.seconds)
+        net_ms[method].append(model.net.seconds / sol.nfe * 1e3)
+        nfes[method] = sol.nfe
 
-    loop(model.net), solve_ode(model.velocity, x0, "euler", nfe=4)  # warm-up
-    for _ in range(rounds):
-        times["net"].append(loop(model.net))
-        times["velocity"].append(loop(model.velocity))
-        for method in FIXED:
+    with torch.no_grad():
+        solve("euler"), solve("dopri5")  # warm-up
+        ratios, net_ms = {k: [] for k in ratios}, {k: [] for k in net_ms}
+        for _ in range(rounds):
             start = time.perf_counter()
-            sol = solve_ode(model.velocity, x0, method, nfe=nfe)
-            times[method].append((time.perf_counter() - start) / sol.nfe)
-        start = time.perf_counter()
-        sol = solve_ode(model.velocity, x0, "dopri5", atol=tol, rtol=tol)
-        times["dopri5"].append((time.perf_counter() - start) / sol.nfe)
-        dopri_nfe = sol.nfe
-    # Load from other processes only ever adds time: the primary ratio is best round / best round
-    # (as timeit advises); the median over rounds of the within-round ratio is shown next to it.
-    best = {k: min(v) for k, v in times.items()}
-    per_round = lambda a, b: C.median([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
-    rows = []
-    for method in (*FIXED, "dopri5"):
-        rows.append({
-            "model": name, "method": method, "nfe": dopri_nfe if method == "dopri5" else nfe,
-            "ms_per_nfe": best[method] * 1e3, "net_ms": best["net"] * 1e3, "velocity_ms": best["velocity"] * 1e3,
-            "ratio_vs_net": best[method] / best["net"], "median_ratio_vs_net": per_round(method, "net"),
-            "denoiser_overhead": best["velocity"] / best["net"], "solver_loop_overhead": best[method] / best["velocity"],
-        })
-    return rows
+            for _ in range(nfe):
+                bare(x0, t)
+            net_ms["bare loop"].append((time.perf_counter() - start) / nfe * 1e3)
+            for method in (*FIXED, "dopri5"):
+                solve(method)
+    return [{
+        "model": name, "method": method, "nfe": nfes[method], "ratio_vs_net": C.median(ratios[method]),
+        "ratio_range": [min(ratios[method]), max(ratios[method])], "net_ms_in_solve": C.median(net_ms[method]),
+        "net_ms_bare_loop": C.median(net_ms["bare loop"]),
+    } for method in (*FIXED, "dopri5")]
 
 
 def main() -> None:
@@ -108,12 +122,10 @@ def main() -> None:
     for name, (spec, batch, tol) in shipped_models().items():
         rows += measure(name, spec, batch, tol, nfe, rounds)
     C.print_table(
-        f"solve_ode cost per NFE vs one bare net(x, t) forward (best of {rounds} rounds; torch 1 thread)",
-        ["model", "method", "NFE", "ms/NFE", "net ms", "velocity ms", "ratio vs net", "(median ratio)",
-         "Denoiser x", "solver loop x"],
-        [[r["model"], r["method"], r["nfe"], r["ms_per_nfe"], r["net_ms"], r["velocity_ms"],
-          r["ratio_vs_net"], r["median_ratio_vs_net"], r["denoiser_overhead"], r["solver_loop_overhead"]]
-         for r in rows],
+        f"solve_ode cost per NFE / one net(x, t) forward in the same solve (median of {rounds} rounds; 1 thread)",
+        ["model", "method", "NFE", "ratio", "(min-max)", "net ms in solve", "net ms, bare loop"],
+        [[r["model"], r["method"], r["nfe"], r["ratio_vs_net"], "{:.3f}-{:.3f}".format(*r["ratio_range"]),
+          r["net_ms_in_solve"], r["net_ms_bare_loop"]] for r in rows],
     )
     worst = max(rows, key=lambda r: r["ratio_vs_net"])
     summary = {f"{r['model']} {r['method']}": round(r["ratio_vs_net"], 3) for r in rows}
