@@ -50,8 +50,7 @@ def run(
 ) -> None:
     """Run a task graph through Prefect and print its results.
 
-    Several configs run one after another in one process: they share the Prefect server and
-    Ray, and all are validated before the first one starts."""
+    Several configs run one after another in one process (one Prefect server, one Ray), all validated first."""
     from models.data import DatasetError
     from tasks.config import GRAPHS, ConfigError, load_config
 
