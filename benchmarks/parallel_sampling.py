@@ -1,8 +1,9 @@
 """(a) Parallel sampling: the same sample sets with 1 then 2 Ray sampling actors.
 
 What is sampled: a fixed workload, a small digits UNet (base 16, mults [1, 2], 1 res
-block, 8x8 images; the digits config now ships a larger one), freshly initialised (seed 0; its zero-initialised output conv is given small
-random weights so the field is not zero) and written with `models.checkpoint.save_model`;
+block, 8x8 images; the digits config now ships a larger one), freshly initialised
+(seed 0; its zero-initialised output conv is given small random weights so the field
+is not zero) and written with `models.checkpoint.save_model`;
 the digits config's whole sampling grid (Euler NFE 1, 2, 4, 8, 16, 100, dopri5 at
 atol = rtol = 1e-4, and the untrained baseline at Euler NFE 100) for `--samples`
 samples in shards of 125, through `tasks.sample`'s `SamplerActor`, `shards` and a

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -79,7 +78,8 @@ def dataset_spec(data: DataConfig, seed: int) -> DatasetSpec:
 
 
 def spec_hash(spec: DatasetSpec) -> str:
-    return short_hash(repr(replace(spec)))
+    """A dataset version's name: every field of its spec (a plain dataclass, so its repr)."""
+    return short_hash(repr(spec))
 
 
 def dataset_folder(spec: DatasetSpec) -> Path:
