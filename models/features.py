@@ -32,8 +32,12 @@ ROTATIONS = 4
 class SmallClassifier(nn.Module):
     """A conv net for (C, H, W) images with sides 8 to 32; its penultimate layer gives the features.
 
-    Features are standardised with statistics of the training images (stored as buffers) so
-    KID's cubic kernel, tuned for Inception's small activations, stays in a sensible range.
+    Features are centred on the training images' mean and divided by one common scale (the
+    root mean square of the units' standard deviations; both stored as buffers), so KID's
+    cubic kernel, tuned for Inception's small activations, stays in a sensible range while the
+    feature space keeps its geometry. Dividing each unit by its own deviation would let a
+    unit that fires on a handful of images dominate: one such unit made two of eight floor
+    subsets of real digits score FID 2.9 against 0.2 for the others.
     """
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, feature_dim: int = 64) -> None:
@@ -70,12 +74,12 @@ class SmallClassifier(nn.Module):
 
     @torch.no_grad()
     def fit_feature_scaling(self, images: torch.Tensor, batch_size: int = 512) -> None:
-        """Set the standardisation from these images; units that never vary keep scale 1."""
+        """Centre on these images' mean; one scale for every unit: the RMS of their deviations."""
         self.eval()
         raw = torch.cat([self.body(images[idx]) for idx in _batches(len(images), batch_size)])
-        std = raw.std(dim=0)
+        scale = raw.std(dim=0).pow(2).mean().sqrt()
         self.feature_mean.copy_(raw.mean(dim=0))
-        self.feature_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        self.feature_scale.fill_(float(scale) if scale > 1e-6 else 1.0)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:

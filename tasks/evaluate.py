@@ -22,9 +22,12 @@ from tasks.data import publish, read_dataset, tracked_hash
 from tasks.infra import Ref, file_digest, home, short_hash, store
 
 
+FEATURES_VERSION = 2  # bump when the feature network or its scaling changes: stored extractors are keyed by it
+
+
 def feature_path(cfg: RunConfig, data_hash: str) -> Path:
     """The feature network of a dataset version: data/features/<name>-<hash>.safetensors."""
-    name = f"{cfg.data.name}-{short_hash(data_hash, cfg.evaluate.feature_epochs, cfg.seed)}.safetensors"
+    name = f"{cfg.data.name}-{short_hash(data_hash, cfg.evaluate.feature_epochs, cfg.seed, FEATURES_VERSION)}.safetensors"
     return home() / "data" / "features" / name
 
 

@@ -75,12 +75,17 @@ def test_save_load_round_trip(trained: tuple[SmallClassifier, dict, Path], digit
         assert not f.read(64).startswith(b"\x80")  # not a pickle
 
 
-def test_features_are_standardised_on_train(trained: tuple[SmallClassifier, dict, Path], digits: Splits) -> None:
+def test_features_are_centred_and_share_one_scale(trained: tuple[SmallClassifier, dict, Path], digits: Splits) -> None:
+    """Centred on the training images, unit mean variance, and every unit divided by the same
+    scale: the raw activations' geometry is kept (a rarely firing unit is not blown up)."""
+    model = trained[0]
     with torch.no_grad():
-        features = trained[0].features(torch.from_numpy(digits.train))
+        x = torch.from_numpy(digits.train)
+        features, raw = model.features(x), model.body(x)
     assert features.mean(dim=0).abs().max() < 1e-3
-    active = features.std(dim=0) > 0
-    assert torch.allclose(features.std(dim=0)[active], torch.ones(int(active.sum())), atol=1e-3)
+    assert features.var(dim=0).mean().item() == pytest.approx(1.0, rel=1e-3)
+    assert torch.allclose(features * model.feature_scale[0], raw - raw.mean(dim=0), atol=1e-3)
+    assert (model.feature_scale == model.feature_scale[0]).all()
 
 
 def test_uint8_conversion_and_dataset() -> None:
