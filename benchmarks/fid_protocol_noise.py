@@ -26,7 +26,8 @@ import numpy as np
 
 from models.data import load_splits
 from models.metrics import reference_set, scoring_blocks, summarize_blocks
-from models.sampling import Sampler, Setting, shards
+from models.samplers import settings_for
+from models.sampling import Sampler, shards
 from tasks.config import RunConfig
 from tasks.data import dataset_folder, dataset_spec
 from tasks.evaluate import feature_path, image_scores
@@ -61,8 +62,8 @@ def main() -> None:
         if not path.exists():
             raise SystemExit(f"{path} is missing: run this in the workspace of {args.run}")
     splits = load_splits(data_dir)
-    fixed = [s for s in cfg.sample.solvers if s.nfe]
-    setting = Setting(fixed[0].method, max(fixed[0].nfe)) if fixed else Setting("dopri5")
+    entry = next((s for s in cfg.sample.samplers if s.nfe), cfg.sample.samplers[0])  # a fixed-step one if any
+    setting = settings_for(entry.method, [max(entry.nfe)] if entry.nfe else [], entry.params)[0]
     label, n = setting.label, cfg.sample.n_samples
     print(f"run {run} · model {model_dir.name} · data {data_dir.name} · {sets} sets of {n} at {label}")
 

@@ -120,7 +120,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     from models.checkpoint import save_model
     from models.sampling import Sampler, sample_count, sampling_grid, shards
 
-    grid = sampling_grid(cfg.sample.solvers)
+    grid = sampling_grid(cfg.sample.samplers)
     save_model(ema.shadow, spec, workdir / "model")
     source_path = None
     if source:

@@ -32,14 +32,15 @@ import torch
 
 from models.checkpoint import ModelSpec, save_model
 from tasks.runtime import ensure_ray
-from models.sampling import Setting, shards
+from models.samplers import Setting
+from models.sampling import shards
 from tasks.sample import SamplerActor
 
 TARGET = "speed-up (1 worker wall / 2 workers wall) >= 1.8x on 2 cores"
 SPEC = ModelSpec("unet", (1, 8, 8), network_kwargs={"base_channels": 16, "channel_mults": [1, 2],
                                                      "num_res_blocks": 1, "groups": 4})
 GRID = [Setting("euler", n) for n in (1, 2, 4, 8, 16, 100)] + [
-    Setting("dopri5", None, 1e-4, 1e-4), Setting("euler", 100, untrained=True)]
+    Setting("dopri5", None, (("atol", 1e-4), ("rtol", 1e-4))), Setting("euler", 100, untrained=True)]
 SHARD = 125
 SEED = 0
 

@@ -45,8 +45,8 @@ def shipped_models() -> dict[str, tuple[ModelSpec, int, float]]:
     out = {}
     for config, shape in SHAPES.items():
         cfg = load_config(C.ROOT / "configs" / "flow-matching" / f"{config}.yaml")
-        adaptive = [s for s in cfg.sample.solvers if not s.nfe]
-        tol = adaptive[0].atol if adaptive else 1e-5
+        adaptive = [s for s in cfg.sample.samplers if not s.nfe]
+        tol = adaptive[0].params["atol"] if adaptive else 1e-5
         out[f"{config}-{cfg.model.network}"] = (cfg.model_spec(shape), cfg.sample.shard_size, tol)
     return out
 

@@ -1,4 +1,4 @@
-"""`gendag`: run a task graph from a config, list what exists."""
+"""`gendag`: run a task graph from a config, re-sample a registered model, list what exists."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.table import Table
 from tasks.infra import configure_environment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = {"flow-matching": "flow-matching/gaussians-to-moons.yaml"}
+ROOT = CONFIGS.parent
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -27,11 +27,12 @@ def fail(message: str, code: int = 2) -> None:
 
 def resolve_config(graph: str, config: str | None) -> Path:
     """A path, or a name under configs/ (with or without `.yaml`)."""
-    candidates = [config] if config else [DEFAULT_CONFIG[graph]]
-    for name in candidates:
-        for path in (Path(name), CONFIGS / name, CONFIGS / f"{name}.yaml", CONFIGS / graph / f"{name}.yaml"):
-            if path.is_file():
-                return path
+    from flows.graphs import GRAPHS
+
+    name = config or GRAPHS[graph].default_config
+    for path in (Path(name), CONFIGS / name, CONFIGS / f"{name}.yaml", CONFIGS / graph / f"{name}.yaml"):
+        if path.is_file():
+            return path
     fail(f"--config {config}: no such file (looked in . and {CONFIGS})")
 
 
@@ -51,8 +52,8 @@ def run(
     """Run a task graph through Prefect and print its results.
 
     Several configs run one after another in one process (one Prefect server, one Ray), all validated first."""
-    from models.data import DatasetError
-    from tasks.config import GRAPHS, ConfigError, load_config
+    from flows.graphs import GRAPHS
+    from tasks.config import ConfigError, load_config
 
     if graph not in GRAPHS:
         fail(f"graph {graph!r}: expected one of {', '.join(GRAPHS)}")
@@ -64,21 +65,28 @@ def run(
         except ConfigError as e:
             fail(str(e))  # it names the file
         if cfg.graph != graph:
-            fail(f"config graph {cfg.graph!r} does not match the requested graph {graph!r}")
+            fail(f"{path}: graph: got {cfg.graph!r}; this command runs {graph!r} (use `gendag run {cfg.graph}`)")
         runs.append((cfg, _run_folder(out, path, cfg, scale, several)))
     folders = [folder for _, folder in runs]
     clashes = sorted({str(folder) for folder in folders if folders.count(folder) > 1})
     if clashes:
         fail(f"--config: two configs would write to the same folder {clashes[0]}")
+    _run_flows(GRAPHS[graph].flow, [(cfg, folder.resolve()) for cfg, folder in runs])
+
+
+def _run_flows(make_flow, runs: list[tuple], *extra) -> None:
+    """Boot the services while the flow (and torch) are imported, then run each (cfg, folder)."""
+    from models.data import DatasetError
+    from tasks.config import ConfigError
 
     configure_environment()
     from tasks.runtime import start_services
 
     quiet_logs()
-    graph_flow = start_services(lambda: _graph_flow(graph))
+    graph_flow = start_services(make_flow)
     for cfg, folder in runs:
         try:
-            summary = graph_flow(cfg, folder.resolve())
+            summary = graph_flow(cfg, folder, *extra)
         except (ConfigError, DatasetError, FileNotFoundError) as e:
             fail(str(e).splitlines()[0] if str(e) else repr(e))
         print_summary(summary, folder)
@@ -91,11 +99,59 @@ def _run_folder(out: Path | None, config: Path, cfg, scale: str, several: bool) 
     return out / config.stem if several else out
 
 
-def _graph_flow(graph: str):
-    """Imported while the services boot: it pulls in torch, Ray and the tasks."""
-    from flows.graphs import GRAPH_FLOWS
+@app.command()
+def sample(
+    model: str = typer.Argument(..., help="models:/<name>@<alias>, models:/<name>/<version>, or a run folder."),
+    sampler: list[str] = typer.Option(
+        [], "--sampler", help="A sampler entry as YAML, e.g. '{method: ddim, nfe: [10, 50], eta: [0, 1]}'; "
+        "repeat for several. Replaces the grid the model was evaluated with."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a value of the logged config: key=value."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<model>-v<version>-sample)."),
+) -> None:
+    """Sample and score a registered model with another sampler grid, without retraining.
 
-    return GRAPH_FLOWS[graph]
+    The model's logged config gives the data and the evaluation protocol; the result is a new
+    MLflow run tagged with the model version it evaluated (no new version, no alias moved)."""
+    import yaml
+
+    from tasks.config import ConfigError, apply_overrides, validate
+
+    configure_environment()
+    quiet_logs()
+    from tasks.registry import RegistryError, fetch_model_version
+
+    try:
+        version, model_dir, tree = fetch_model_version(model)
+    except RegistryError as e:
+        fail(str(e))
+    overrides = list(set_)
+    if sampler:
+        entries = []
+        for item in sampler:
+            try:
+                entries.append(yaml.safe_load(item))
+            except yaml.YAMLError as e:
+                fail(f"--sampler {item!r}: not valid YAML ({str(e).splitlines()[0]})")
+        overrides.insert(0, f"sample.samplers={yaml.safe_dump(entries, default_flow_style=True).strip()}")
+    try:
+        apply_overrides(tree, overrides)
+        cfg = validate(tree, f"{model} (its logged config)", overrides)
+    except ConfigError as e:
+        fail(str(e))
+    folder = (out or Path("runs") / f"{version['name']}-v{version['version']}-sample").resolve()
+
+    from tasks.infra import Ref, folder_digest
+
+    ref = Ref("model", str(model_dir), folder_digest(model_dir), cfg.digest())
+
+    def make_flow():
+        from prefect import flow
+
+        from flows.pipeline import resample
+
+        return flow(name="sample", validate_parameters=False)(resample)
+
+    _run_flows(make_flow, [(cfg, folder)], ref, version)
 
 
 def quiet_logs() -> None:
@@ -114,33 +170,64 @@ def print_summary(summary: dict, out: Path) -> None:
     table = Table(title=f"{summary['graph']} · {summary['name']} · {summary['dataset']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in sorted(summary["metrics"].items()):
+    for key, value in summary["metrics"].items():  # already in reading order
         table.add_row(key, f"{value:.5g}")
     console.print(table)
     reg = summary["registered_model"]
-    console.print(
-        f"registered [bold]{reg['name']}[/] v{reg['version']} ({', '.join(reg['aliases'])}) · "
-        f"mlflow run {summary['mlflow_run_id']} · prefect flow run {summary['prefect_flow_run_id']}"
-    )
+    what = (f"registered [bold]{reg['name']}[/] v{reg['version']} ({', '.join(reg['aliases'])})" if reg["aliases"]
+            else f"evaluated [bold]{reg['name']}[/] v{reg['version']}")
+    console.print(f"{what} · mlflow run {summary['mlflow_run_id']} · prefect flow run {summary['prefect_flow_run_id']}")
     console.print(f"summary: {out / 'summary.json'}   report: {summary['report']}")
 
 
 @app.command(name="list")
 def list_() -> None:
-    """Show graphs, methods, datasets and the configs that ship."""
+    """Show graphs, samplers, objectives, likelihoods, datasets and the configs that ship."""
+    from flows.graphs import GRAPHS
     from models.data import DATASETS
-    from models.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS
-    from tasks.config import GRAPHS
+    from models.likelihoods import LIKELIHOODS
+    from models.objectives import OBJECTIVES
+    from models.samplers import SAMPLERS, get_sampler
 
-    table = Table(title="gendag")
-    table.add_column("kind")
-    table.add_column("names")
-    table.add_row("graphs", ", ".join(GRAPHS))
-    table.add_row("methods", "flow matching (CondOT / VP / VE Gaussian paths, independent or minibatch-OT couplings)")
-    table.add_row("samplers", ", ".join(FIXED_STEP_METHODS + ADAPTIVE_METHODS))
-    table.add_row("datasets", ", ".join(DATASETS))
-    table.add_row("configs", ", ".join(sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))))
-    console.print(table)
+    get_sampler("euler")  # registers every method
+    graphs = Table(title="graphs (gendag run <graph> -c <config>)")
+    for column in ("graph", "what it does", "configs"):
+        graphs.add_column(column)
+    for g in GRAPHS.values():
+        shipped = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in (CONFIGS / g.name).glob("*.yaml"))
+        graphs.add_row(g.name, g.description, ", ".join(shipped))
+    console.print(graphs)
+    samplers = Table(title="samplers (sample.samplers: [{method: ..., nfe: [...], <param>: ...}])")
+    for column in ("sampler", "needs", "parameters", "what it does"):
+        samplers.add_column(column)
+    for s in SAMPLERS.values():
+        params = ", ".join(f"{k}={v.default}" + (f" ({'|'.join(map(str, v.choices))})" if v.choices else "")
+                           for k, v in s.params.items())
+        samplers.add_row(s.name, ", ".join(sorted(s.needs)), ("nfe: chosen by the solver; " if s.adaptive else "nfe; ")
+                         + params, s.description)
+    console.print(samplers)
+    other = Table(title="more")
+    other.add_column("kind")
+    other.add_column("names")
+    other.add_row("objectives", ", ".join(OBJECTIVES))
+    other.add_row("likelihoods (evaluate.likelihood)", ", ".join(f"{k} ({v.description})" for k, v in LIKELIHOODS.items()))
+    other.add_row("datasets", ", ".join(DATASETS))
+    console.print(other)
+
+
+@app.command()
+def dvc(check: bool = typer.Option(False, "--check", help="Only check that dvc.yaml matches the graph registry.")) -> None:
+    """Write dvc.yaml from the graph registry: the main job plus one stage per graph."""
+    from flows.dvc_stages import dvc_yaml
+
+    text, path = dvc_yaml(), ROOT / "dvc.yaml"
+    if check:
+        if not path.exists() or path.read_text() != text:
+            fail("dvc.yaml is out of date with the graph registry: run `gendag dvc`", code=1)
+        console.print("dvc.yaml matches the graph registry")
+        return
+    path.write_text(text)
+    console.print(f"wrote {path}")
 
 
 def main() -> None:

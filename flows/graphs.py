@@ -1,5 +1,51 @@
-"""Every task graph `gendag run` knows, by name."""
+"""Every task graph gendag knows, declared once.
 
-from flows.flow_matching import flow_matching
+A `Graph` names the graph, says what it does, points at its default config and at the
+Prefect flow body that composes it. Its config schema is the `tasks.config.RunConfig`
+subclass whose `graph` field lists the name. The command line (`gendag run`, `gendag list`),
+config validation and `dvc.yaml` (`gendag dvc`) all read this table.
+"""
 
-GRAPH_FLOWS = {"flow-matching": flow_matching}
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from tasks.config import RunConfig, schemas
+
+
+@dataclass(frozen=True)
+class Graph:
+    name: str
+    description: str
+    default_config: str  # a config name under configs/
+    configs: tuple[str, ...]  # the configs `dvc repro` runs at cpu scale (one stage each)
+    body: str = "flows.pipeline:train_and_evaluate"  # module:function of the flow body
+
+    @property
+    def schema(self) -> type[RunConfig]:
+        return schemas()[self.name]
+
+    def flow(self):
+        """The Prefect flow of this graph (imports Prefect and the tasks: call it late)."""
+        from prefect import flow
+
+        module, function = self.body.split(":")
+        return flow(name=self.name, validate_parameters=False)(getattr(importlib.import_module(module), function))
+
+
+GRAPHS: dict[str, Graph] = {g.name: g for g in (
+    Graph("flow-matching",
+          "Conditional flow matching on a Gaussian path (CondOT / VP / VE), from N(0, I) or a source "
+          "dataset, independent or minibatch-OT pairs; ODE samplers",
+          "flow-matching/gaussians-to-moons",
+          ("flow-matching/gaussians-to-moons", "flow-matching/digits")),
+    Graph("ddpm",
+          "DDPM: discrete-time diffusion (linear / cosine betas), epsilon / v / x1 prediction, ancestral "
+          "sampling, DDIM and the probability-flow ODE, variational bound in bits/dim",
+          "ddpm/moons", ("ddpm/moons", "ddpm/digits")),
+    Graph("ddim",
+          "DDIM sampling of a DDPM-trained model: S-step subsequences, eta from 0 (deterministic) to 1, "
+          "the sigma-hat variant, trailing / leading / quadratic spacing",
+          "ddim/moons", ("ddim/moons", "ddim/digits")),
+)}

@@ -9,6 +9,7 @@ from models.sampling import BASELINE_SETS
 from tasks.config import RunConfig
 from tasks.infra import Ref
 from tasks.register import git_commit
+from tasks.report import reading_order
 
 
 def prefect_flow_run_id() -> str:
@@ -35,7 +36,8 @@ def write_summary(out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dic
         "data_hash": data.hash,
         "config_hash": cfg.digest(),
         "model_hash": model.hash,
-        "metrics": metrics,
+        "model_uri": model.uri,
+        "metrics": {k: metrics[k] for k in sorted(metrics, key=reading_order)},
         "evaluation": {  # how to read the metrics: what was scored against what
             "samples_per_set": cfg.sample.n_samples,
             "sets": cfg.sample.sets,

@@ -1,7 +1,9 @@
 """Build a model from a plain spec, and store it as safetensors + JSON (never pickle).
 
 A `ModelSpec` is everything needed to rebuild the network around stored weights,
-so a registered model is loadable from its folder alone.
+so a registered model is loadable from its folder alone. Its `family` says what kind of
+model it builds (`FAMILIES`): a `denoiser` (a network on a Gaussian path, for every
+diffusion / flow-matching method) today; other families (normalizing flows) add a builder.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from typing import Callable
+
+from torch import nn
+
 from models.networks import build_network
 from models.parameterization import Denoiser
-from models.paths import make_scheduler
+from models.paths import SCHEDULERS, make_scheduler
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
@@ -29,10 +35,16 @@ class ModelSpec:
     scheduler: str = "cond_ot"
     network_kwargs: dict = field(default_factory=dict)
     scheduler_kwargs: dict = field(default_factory=dict)
+    family: str = "denoiser"
 
-    def build(self) -> Denoiser:
-        net = build_network(self.network, tuple(self.data_shape), **self.network_kwargs)
-        return Denoiser(net, make_scheduler(self.scheduler, **self.scheduler_kwargs), self.parameterization)
+    def build(self) -> nn.Module:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {', '.join(FAMILIES)}")
+        return FAMILIES[self.family].build(self)
+
+    def provides(self) -> frozenset[str]:
+        """What samplers and likelihoods may ask of the built model (without building it)."""
+        return FAMILIES[self.family].provides(self)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
@@ -42,6 +54,24 @@ class ModelSpec:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[ModelSpec], nn.Module]
+    provides: Callable[[ModelSpec], frozenset[str]]
+
+
+def _denoiser(spec: ModelSpec) -> Denoiser:
+    net = build_network(spec.network, tuple(spec.data_shape), **spec.network_kwargs)
+    return Denoiser(net, make_scheduler(spec.scheduler, **spec.scheduler_kwargs), spec.parameterization)
+
+
+def _denoiser_provides(spec: ModelSpec) -> frozenset[str]:
+    return Denoiser.provides | ({"discrete_time"} if SCHEDULERS[spec.scheduler].discrete else set())
+
+
+FAMILIES: dict[str, Family] = {"denoiser": Family(_denoiser, _denoiser_provides)}
 
 
 def save_weights(module: torch.nn.Module, path: Path) -> None:
@@ -57,7 +87,7 @@ def save_model(model: torch.nn.Module, spec: ModelSpec, folder: Path) -> Path:
     return folder
 
 
-def load_model(folder: Path) -> Denoiser:
+def load_model(folder: Path) -> nn.Module:
     """Rebuild a model from a folder written by `save_model`, in eval mode."""
     folder = Path(folder)
     spec = ModelSpec.from_json((folder / SPEC_FILE).read_text())

@@ -35,6 +35,8 @@ DATASETS = TOY_2D + IMAGE_BUILTIN + TORCHVISION + FILE_KINDS
 DEFAULT_TOY_TRAIN = 20_000
 DEFAULT_TOY_TEST = 10_000
 DEFAULT_DIGITS_TEST = 500
+DIGITS_LEVELS = 17  # scikit-learn's digits hold the integers 0..16
+UINT8_LEVELS = 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -66,6 +68,9 @@ class Splits:
     train_labels: np.ndarray | None = None
     test_labels: np.ndarray | None = None
     spec: DatasetSpec | None = None
+    # Quantization: the data take `levels` evenly spaced values in [-1, 1] (17 for the digits'
+    # grey levels 0..16, 256 for 8-bit images); None for continuous data. Likelihoods use it.
+    levels: int | None = None
 
 
 # --------------------------------------------------------------------------- toys
@@ -167,7 +172,8 @@ def _load_digits(spec: DatasetSpec) -> Splits:
 
     digits = load_digits()
     images = (digits.images[:, None] / 16.0 * 2.0 - 1.0).astype(np.float32)
-    return _split(images, spec, "images", digits.target, default_test=DEFAULT_DIGITS_TEST)
+    splits = _split(images, spec, "images", digits.target, default_test=DEFAULT_DIGITS_TEST)
+    return replace(splits, levels=DIGITS_LEVELS)
 
 
 def _require_path(spec: DatasetSpec) -> Path:
@@ -195,20 +201,21 @@ def _load_npy(spec: DatasetSpec) -> Splits:
         raise DatasetError(
             f"data.path: {path} has shape {array.shape} — images need 1 or 3 channels first: (N, C, H, W)"
         )
+    levels = None
     if array.dtype == np.uint8:
-        images = _uint8_to_unit(array)
+        images, levels = _uint8_to_unit(array), UINT8_LEVELS
     elif np.issubdtype(array.dtype, np.floating):
         low, high = float(array.min()), float(array.max())
         if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
             raise DatasetError(
                 f"data.path: {path} float images span [{low:.3g}, {high:.3g}] — expected [-1, 1] or uint8"
             )
-        images = array.astype(np.float32)
+        images = array.astype(np.float32)  # quantization unknown: treated as continuous
     else:
         raise DatasetError(
             f"data.path: {path} has dtype {array.dtype} — images must be uint8 0..255 or floats in [-1, 1]"
         )
-    return _split(images, spec, "images")
+    return replace(_split(images, spec, "images"), levels=levels)
 
 
 def _image_mode(file: Path) -> str:
@@ -251,7 +258,7 @@ def _load_image_folder(spec: DatasetSpec) -> Splits:
             )
     if len(images) < 2:
         raise DatasetError(f"data.path: {folder} holds a single image — need at least 2 to split")
-    return _split(_uint8_to_unit(np.stack(images)), spec, "images")
+    return replace(_split(_uint8_to_unit(np.stack(images)), spec, "images"), levels=UINT8_LEVELS)
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -294,7 +301,7 @@ def _load_torchvision(spec: DatasetSpec) -> Splits:
         keep = np.sort(rng.permutation(len(images))[: _cap(n_wanted, len(images))])
         parts.append((_uint8_to_unit(images[keep]), labels[keep]))
     (train_x, train_y), (test_x, test_y) = parts
-    return Splits(train_x, test_x, "images", train_y, test_y)
+    return Splits(train_x, test_x, "images", train_y, test_y, levels=UINT8_LEVELS)
 
 
 # --------------------------------------------------------------------------- public API
@@ -343,6 +350,7 @@ def save_splits(splits: Splits, folder: Path) -> None:
     spec = splits.spec
     meta = {
         "kind": splits.kind,
+        "levels": splits.levels,
         "name": None if spec is None else spec.name,
         "shapes": shapes,
         "spec": None if spec is None else asdict(spec),
@@ -359,4 +367,4 @@ def load_splits(folder: Path) -> Splits:
         for field in _ARRAY_FIELDS
     }
     spec = None if meta["spec"] is None else DatasetSpec(**meta["spec"])
-    return Splits(kind=meta["kind"], spec=spec, **arrays)
+    return Splits(kind=meta["kind"], spec=spec, levels=meta.get("levels"), **arrays)

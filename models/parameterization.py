@@ -3,9 +3,11 @@
 Every parameterization, together with ``x_t`` and the scheduler, pins down the pair
 ``(x1_hat, eps_hat)`` (data and source estimates), because
 
-    x_t = alpha * x1 + sigma * eps,   v = d_alpha * x1 + d_sigma * eps,   score = -eps / sigma.
+    x_t = alpha * x1 + sigma * eps,   velocity = d_alpha * x1 + d_sigma * eps,   score = -eps / sigma,
+    v = alpha * eps - sigma * x1   (Salimans & Ho 2022, Sec. 4: "v-prediction").
 
 So conversions go through that pair.  ``score`` assumes a standard normal source.
+``velocity`` is the flow's dx/dt; ``v`` is the rotated target of progressive distillation.
 
 Divisions that can hit zero at the ends of the path are clamped by ``EPS``:
 ``sigma`` (zero at ``t = 1``) when recovering ``eps`` from ``x1`` or forming the score,
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from models.paths import Scheduler, SchedulerOutput, expand_like, time_batch
 
-PARAMETERIZATIONS = ("velocity", "epsilon", "x1", "score")
+PARAMETERIZATIONS = ("velocity", "epsilon", "x1", "score", "v")
 EPS = 1e-5
 
 
@@ -42,6 +44,9 @@ def to_pivot(pred: Tensor, x_t: Tensor, s: SchedulerOutput, source: str) -> tupl
     if source == "velocity":
         det = _safe(s.alpha * s.d_sigma - s.sigma * s.d_alpha)
         return (s.d_sigma * x_t - s.sigma * pred) / det, (s.alpha * pred - s.d_alpha * x_t) / det
+    if source == "v":  # [x_t; v] = [[alpha, sigma], [-sigma, alpha]] [x1; eps]
+        norm = s.alpha**2 + s.sigma**2
+        return (s.alpha * x_t - s.sigma * pred) / norm, (s.sigma * x_t + s.alpha * pred) / norm
     eps = pred if source == "epsilon" else -s.sigma * pred
     return (x_t - s.sigma * eps) / _safe(s.alpha), eps
 
@@ -55,6 +60,8 @@ def from_pivot(x1: Tensor, eps: Tensor, s: SchedulerOutput, target: str) -> Tens
         return eps
     if target == "velocity":
         return s.d_alpha * x1 + s.d_sigma * eps
+    if target == "v":
+        return s.alpha * eps - s.sigma * x1
     return -eps / _safe(s.sigma)
 
 
@@ -73,9 +80,13 @@ def convert(
 class Denoiser(nn.Module):
     """A network ``net(x, t)`` together with what it predicts and on which path.
 
-    Samplers ask for the quantity they need (velocity for ODEs, score for SDEs) and
-    need not know how the network was trained.
+    Samplers ask for the quantity they need (velocity for ODEs, score for SDEs, the pair
+    ``(x1, epsilon)`` for DDIM and ancestral steps) and need not know how it was trained.
     """
+
+    #: What samplers may ask of it (see ``models.samplers``); a run whose source is N(0, I)
+    #: adds "gaussian_source" (what ancestral and DDIM steps assume).
+    provides = frozenset({"velocity", "epsilon", "x1", "score", "v"})
 
     def __init__(self, net: nn.Module, scheduler: Scheduler, parameterization: str = "velocity"):
         super().__init__()
@@ -92,6 +103,18 @@ class Denoiser(nn.Module):
         """Network output converted to ``target``."""
         t = time_batch(t, x)
         return convert(self(x, t), x, t, self.scheduler, self.parameterization, target)
+
+    def pivot(self, x: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``(x1_hat, eps_hat)`` from one network evaluation."""
+        t = time_batch(t, x)
+        s = self.scheduler(expand_like(t, x))
+        return to_pivot(self(x, t), x, s, self.parameterization)
+
+    def prior(self, shape: tuple[int, ...], n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws of where sampling starts (t = 0): ``N(0, prior_std^2 I)`` of the scheduler."""
+        x = torch.randn((n, *shape), generator=generator)
+        std = self.scheduler.prior_std
+        return x if std == 1.0 else x * std
 
     def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
         return self.predict(x, t, "velocity")

@@ -13,7 +13,8 @@ A Gaussian path interpolates ``x_t = alpha_t * x1 + sigma_t * x0`` with
 schedulers only meet these endpoints approximately (VP: ``alpha_0`` is tiny but
 positive; VE: ``alpha`` is always 1 and ``sigma_1 = sigma_min``).  Diffusion
 papers run time the other way; ``VPScheduler`` states its formulas in diffusion
-time ``s = 1 - t`` and converts.
+time ``s = 1 - t`` and converts, and the discrete DDPM schedule puts its step
+``i`` (0 = data, T = noise) at ``t = 1 - i / T``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,23 @@ class SchedulerOutput:
 class Scheduler(abc.ABC):
     """Maps time ``t`` to the coefficients of ``x_t = alpha_t * x1 + sigma_t * x0``."""
 
+    #: Discrete-time schedules (DDPM) train on ``timesteps`` steps; continuous ones have None.
+    discrete: bool = False
+    timesteps: int | None = None
+
     @abc.abstractmethod
     def __call__(self, t: Tensor) -> SchedulerOutput: ...
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """``lambda_t = log(alpha_t^2 / sigma_t^2)``: increases from the source to the data end."""
+        s = self(t)
+        return 2.0 * (torch.log(s.alpha) - torch.log(s.sigma))
+
+    @property
+    def prior_std(self) -> float:
+        """Scale of the Gaussian a sampler starts from at ``t = 0``: ``sigma_0`` (``sigma_max`` on
+        a VE path); variance-preserving schedules override it with exactly 1."""
+        return float(self(torch.zeros((), dtype=torch.float64)).sigma)
 
 
 class CondOTScheduler(Scheduler):
@@ -73,6 +89,8 @@ class VPScheduler(Scheduler):
     with ``B(s) = beta_min * s + (beta_max - beta_min) * s^2 / 2``.  ``d_sigma`` diverges
     at ``t = 1`` (``sigma -> 0`` like a square root), so ``sigma`` is clamped in that division.
     """
+
+    prior_std = 1.0
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-12):
         self.beta_min, self.beta_max, self.eps = beta_min, beta_max, eps
@@ -105,10 +123,80 @@ class VEScheduler(Scheduler):
         )
 
 
+BETA_SCHEDULES = ("linear", "cosine")
+
+
+def ddpm_betas(schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """The T betas of a DDPM noise schedule, in float64.
+
+    ``linear``: Ho et al. 2020 (Sec. 4), ``beta_start`` to ``beta_end`` for T = 1000, both scaled
+    by 1000 / T for other T (Nichol & Dhariwal 2021, Sec. 3.2, so the schedule keeps its shape).
+    ``cosine``: Nichol & Dhariwal 2021, Eq. 17: ``alpha_bar(i) = f(i) / f(0)`` with
+    ``f(i) = cos^2((i / T + s) / (1 + s) * pi / 2)``, ``s = 0.008``, betas clipped at 0.999.
+    """
+    if schedule == "linear":
+        scale = 1000.0 / timesteps
+        return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown beta_schedule {schedule!r}; valid choices: {BETA_SCHEDULES}")
+
+
+class DDPMScheduler(Scheduler):
+    """The discrete-time DDPM forward process, q(x_i | x_data) = N(sqrt(abar_i) x, (1 - abar_i) I).
+
+    Diffusion step ``i`` in 0..T (0 is the data) sits at time ``t = 1 - i / T``; training uses
+    the steps 1..T only. Between steps, ``log abar`` is interpolated linearly, so the schedule
+    is a continuous (piecewise smooth) Gaussian path too and every sampler of ``models`` applies:
+    ancestral and DDIM steps on the training steps, ODE solvers anywhere.
+    """
+
+    prior_std = 1.0
+    discrete = True
+
+    def __init__(self, beta_schedule: str = "linear", timesteps: int = 1000,
+                 beta_start: float = 1e-4, beta_end: float = 0.02):
+        if timesteps < 1:
+            raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+        self.beta_schedule, self.timesteps = beta_schedule, timesteps
+        self.betas = ddpm_betas(beta_schedule, timesteps, beta_start, beta_end)
+        if not bool(((self.betas > 0) & (self.betas < 1)).all()):
+            raise ValueError(f"betas must lie in (0, 1); got {beta_start}..{beta_end} over {timesteps} steps")
+        # log abar_i for i = 0..T (abar_0 = 1: the data)
+        self.log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-self.betas), 0)])
+
+    def time_of(self, step: Tensor) -> Tensor:
+        """Time ``t = 1 - i / T`` of integer diffusion steps ``i`` (float64)."""
+        return 1 - step.double() / self.timesteps
+
+    def alpha_bar(self, i: Tensor) -> Tensor:
+        """``abar_i`` at integer steps ``i`` (float64)."""
+        return self.log_alpha_bar[i.long()].exp()
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        big_t = self.timesteps
+        table = self.log_alpha_bar.to(device=t.device)
+        pos = ((1 - t.double()) * big_t).clamp(0, big_t)
+        lo = pos.floor().clamp(max=big_t - 1).long()
+        slope = table[lo + 1] - table[lo]  # d log abar / d i on this interval
+        log_ab = (table[lo] + (pos - lo) * slope).to(t.dtype)
+        slope = slope.to(t.dtype)
+        alpha = torch.exp(0.5 * log_ab)
+        sigma = torch.sqrt(-torch.expm1(log_ab))
+        d_log_ab = -big_t * slope  # di/dt = -T
+        d_alpha = 0.5 * alpha * d_log_ab
+        d_sigma = -torch.exp(log_ab) * d_log_ab / (2 * sigma.clamp(min=1e-12))
+        return SchedulerOutput(alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma)
+
+
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "cond_ot": CondOTScheduler,
     "vp": VPScheduler,
     "ve": VEScheduler,
+    "ddpm": DDPMScheduler,
 }
 
 

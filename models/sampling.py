@@ -8,39 +8,23 @@ or which worker ran which shard. Orchestration (Ray actors, files) lives in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.checkpoint import SPEC_FILE, ModelSpec, load_model
-from models.solvers import solve_ode
+from models.samplers import Setting, sample_with, settings_for
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One point of the sampling grid."""
-
-    method: str
-    nfe: int | None = None  # None for adaptive solvers
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    untrained: bool = False  # the same network at initialization: the baseline
-
-    @property
-    def label(self) -> str:
-        base = f"nfe={self.nfe}" if self.nfe else "adaptive"
-        return f"{base},untrained" if self.untrained else base
-
-
-def sampling_grid(solvers) -> list[Setting]:
-    """Every (method, NFE) of `solvers` (items with method, nfe list or None, atol, rtol), plus the
-    untrained baseline at the largest fixed NFE: what a score is read against."""
-    grid = [Setting(s.method, n, s.atol, s.rtol) for s in solvers for n in (s.nfe or [None])]
+def sampling_grid(samplers) -> list[Setting]:
+    """Every setting of `samplers` (items with `method`, `nfe` list and `params` dict), plus
+    the untrained baseline at the largest fixed NFE: what a score is read against."""
+    grid = [s for entry in samplers for s in settings_for(entry.method, entry.nfe, entry.params)]
     fixed = [s for s in grid if s.nfe]
     best = max(fixed, key=lambda s: s.nfe) if fixed else grid[0]
-    return grid + [Setting(best.method, best.nfe, best.atol, best.rtol, untrained=True)]
+    return grid + [replace(best, untrained=True)]
 
 
 # The untrained baseline's gap to a trained model dwarfs any spread between sample sets, and it
@@ -63,32 +47,37 @@ def shards(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(size, n - i * size)) for i in range((n + size - 1) // size)]
 
 
-def source_draw(shape: tuple[int, ...], n: int, seed: int, source: np.ndarray | None) -> torch.Tensor:
-    """n starting points: N(0, I) of `shape`, or rows of a source dataset drawn with replacement."""
-    g = torch.Generator().manual_seed(seed)
+def start_draw(model, shape: tuple[int, ...], n: int, generator: torch.Generator,
+               source: np.ndarray | None) -> torch.Tensor:
+    """Where a shard starts: the model's prior draw, or rows of a source dataset drawn with
+    replacement (flow matching from a dataset)."""
     if source is None:
-        return torch.randn((n, *shape), generator=g)
-    return torch.from_numpy(source)[torch.randint(len(source), (n,), generator=g)]
+        return model.prior(shape, n, generator)
+    return torch.from_numpy(source)[torch.randint(len(source), (n,), generator=generator)]
 
 
 class Sampler:
-    """Holds one model (and its untrained twin, the baseline) in memory and integrates shards."""
+    """Holds one model (and its untrained twin, the baseline) in memory and samples shards.
 
-    def __init__(self, model_dir: str, untrained_seed: int, source_path: str | None, threads: int = 1) -> None:
+    Shard i of a setting starts from a draw of the generator seeded by (seed, i), and
+    stochastic samplers take their noise from the same generator: a shard's samples do not
+    depend on the worker that makes them or on what it made before."""
+
+    def __init__(self, model_dir: str, untrained_seed: int, source_path: str | None, threads: int = 1,
+                 device: str = "cpu") -> None:
         torch.set_num_threads(threads)
-        self.model = load_model(Path(model_dir))
+        self.device = torch.device(device)
+        self.model = load_model(Path(model_dir)).to(self.device)
         spec = ModelSpec.from_json((Path(model_dir) / SPEC_FILE).read_text())
         torch.manual_seed(untrained_seed)  # the same initialization training started from
-        self.untrained = spec.build().eval()
+        self.untrained = spec.build().eval().to(self.device)
         self.shape = tuple(spec.data_shape)
         self.source = np.load(source_path, allow_pickle=False) if source_path else None
 
     def run(self, setting: Setting, shard: int, n: int, seed: int, trajectory: int = 0) -> dict:
         model = self.untrained if setting.untrained else self.model
-        x0 = source_draw(self.shape, n, shard_seed(seed, shard), self.source)
-        sol = solve_ode(
-            model.velocity, x0, method=setting.method, nfe=setting.nfe,
-            atol=setting.atol, rtol=setting.rtol, return_trajectory=trajectory > 0,
-        )
-        traj = sol.trajectory[:, :trajectory].numpy() if trajectory else None
-        return {"label": setting.label, "shard": shard, "x": sol.x.numpy(), "nfe": sol.nfe, "trajectory": traj}
+        generator = torch.Generator().manual_seed(shard_seed(seed, shard))
+        x = start_draw(model, self.shape, n, generator, self.source).to(self.device)
+        out = sample_with(setting, model, x, generator, trajectory=trajectory > 0)
+        traj = out.trajectory[:, :trajectory].cpu().numpy() if trajectory else None
+        return {"label": setting.label, "shard": shard, "x": out.x.cpu().numpy(), "nfe": out.nfe, "trajectory": traj}

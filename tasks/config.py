@@ -3,6 +3,12 @@
 A config file holds the `cpu` scale values; its `scales:` section holds dotted
 overrides for the other scales (`tiny` for tests, `paper` for GPU clusters). Every
 error is one line naming the offending key and what was expected.
+
+Each graph has its own schema: a subclass of `RunConfig` whose `graph` field lists the
+graph names it serves (`FlowMatchingConfig`, `DiffusionConfig`). `load_config` picks the
+schema by the file's `graph:` key, so a method's own keys are validated and listed in its
+errors. Sections shared by every graph (data, model, train, sample, evaluate, registry)
+are defined once here.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,14 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.checkpoint import ModelSpec
 from models.couplings import COUPLINGS
 from models.data import DATASETS
+from models.likelihoods import get_likelihood
 from models.networks import NETWORKS
 from models.parameterization import PARAMETERIZATIONS
-from models.paths import SCHEDULERS
-from models.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS
+from models.paths import BETA_SCHEDULES, make_scheduler
+from models.samplers import get_sampler, settings_for, time_grid
 from models.training import LR_SCHEDULES
 
 SCALES = ("tiny", "cpu", "paper")
-GRAPHS = ("flow-matching",)
 
 
 class ConfigError(ValueError):
@@ -37,7 +44,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _DatasetFields(Strict):
@@ -68,9 +76,46 @@ class SourceConfig(_DatasetFields):
         return None if self.name == "gaussian" else DataConfig(**self.model_dump())
 
 
-class PathConfig(Strict):
-    scheduler: Literal[tuple(SCHEDULERS)] = "cond_ot"  # type: ignore[valid-type]
-    kwargs: dict[str, float] = {}
+# --------------------------------------------------------------------------- paths (typed per scheduler)
+
+
+class _Path(Strict):
+    def kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"scheduler"})
+
+
+class CondOTPath(_Path):
+    """x_t = t x1 + (1 - t) x0 (rectified flow / conditional OT)."""
+
+    scheduler: Literal["cond_ot"] = "cond_ot"
+
+
+class VPPath(_Path):
+    scheduler: Literal["vp"]
+    beta_min: PositiveFloat = 0.1
+    beta_max: PositiveFloat = 20.0
+
+
+class VEPath(_Path):
+    scheduler: Literal["ve"]
+    sigma_min: PositiveFloat = 0.01
+    sigma_max: PositiveFloat = 50.0
+
+
+class DDPMPath(_Path):
+    """The discrete DDPM forward process: `timesteps` steps of a linear or cosine beta schedule."""
+
+    scheduler: Literal["ddpm"] = "ddpm"
+    beta_schedule: Literal[BETA_SCHEDULES] = "linear"  # type: ignore[valid-type]
+    timesteps: PositiveInt = 1000
+    beta_start: Annotated[float, Field(gt=0, lt=1)] = 1e-4
+    beta_end: Annotated[float, Field(gt=0, lt=1)] = 0.02
+
+
+AnyPath = Annotated[Union[CondOTPath, VPPath, VEPath, DDPMPath], Field(discriminator="scheduler")]
+
+
+# --------------------------------------------------------------------------- shared sections
 
 
 class ModelConfig(Strict):
@@ -87,29 +132,37 @@ class CouplingConfig(Strict):
 class TrainConfig(Strict):
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 256
-    lr: Annotated[float, Field(gt=0)] = 1e-3
+    lr: PositiveFloat = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_steps: Annotated[int, Field(ge=0, strict=True)] = 0
     lr_schedule: Literal[LR_SCHEDULES] = "constant"  # type: ignore[valid-type]
-    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    grad_clip: PositiveFloat | None = 1.0
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
-    num_workers: Annotated[int, Field(ge=0)] = 2
+    num_workers: Annotated[int, Field(ge=0, strict=True)] = 2
+    use_gpu: bool = False  # one GPU per Ray Train worker (NCCL); the paper scale sets it
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
 
+    #: Fields that change how often things are recorded, not the trained weights.
+    BOOKKEEPING: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "log_every"})
 
-class SolverConfig(Strict):
-    method: Literal[FIXED_STEP_METHODS + ADAPTIVE_METHODS]  # type: ignore[valid-type]
+
+class SamplerConfig(BaseModel):
+    """One sampler of the grid: `method`, `nfe` (a list, for fixed-step samplers) and the
+    sampler's own parameters, each a value or a list of values (every combination is sampled),
+    e.g. `{method: ddim, nfe: [10, 50], eta: [0.0, 1.0], spacing: trailing}`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    method: str
     nfe: list[PositiveInt] = []
-    atol: Annotated[float, Field(gt=0)] = 1e-5
-    rtol: Annotated[float, Field(gt=0)] = 1e-5
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
     @model_validator(mode="after")
-    def _nfe_matches_method(self) -> "SolverConfig":
-        if self.method in ADAPTIVE_METHODS and self.nfe:
-            raise ValueError(f"solver '{self.method}' is adaptive: give atol/rtol, not nfe")
-        if self.method in FIXED_STEP_METHODS and not self.nfe:
-            raise ValueError(f"solver '{self.method}' needs a list of nfe, e.g. [1, 2, 4, 8]")
+    def _fits_the_sampler(self) -> "SamplerConfig":
+        settings_for(self.method, self.nfe, self.params)  # raises ValueError naming the key
         return self
 
 
@@ -120,8 +173,9 @@ class SampleConfig(Strict):
     sets: PositiveInt = 1
     shard_size: PositiveInt = 500
     num_workers: PositiveInt = 2
-    solvers: list[SolverConfig] = [SolverConfig(method="euler", nfe=[1, 2, 4, 8, 16, 100])]
-    trajectories: Annotated[int, Field(ge=0)] = 256
+    device: Literal["cpu", "cuda"] = "cpu"
+    samplers: Annotated[list[SamplerConfig], Field(min_length=1)] = [SamplerConfig(method="euler", nfe=[1, 2, 4, 8, 16, 100])]
+    trajectories: Annotated[int, Field(ge=0, strict=True)] = 256
 
 
 class EvaluateConfig(Strict):
@@ -129,6 +183,8 @@ class EvaluateConfig(Strict):
     feature_epochs: PositiveInt = 30
     inception_weights: str | None = None
     kid_subset_size: PositiveInt | None = None
+    likelihood: list[str] = []  # test-set NLL estimators (models.likelihoods), e.g. [ddpm_bound]
+    likelihood_examples: PositiveInt = 500  # test examples the NLL is averaged over
 
 
 class RegisterConfig(Strict):
@@ -138,41 +194,90 @@ class RegisterConfig(Strict):
     champion_alias: str = "champion"
 
 
+# --------------------------------------------------------------------------- one schema per graph
+
+
 class RunConfig(Strict):
-    graph: Literal[GRAPHS]  # type: ignore[valid-type]
+    """What every graph's config has. Subclasses set `graph` to the names they serve and
+    `objective` to the training objective (models.objectives) they run."""
+
+    graph: str
     name: str
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, strict=True)] = 0
     data: DataConfig
-    source: SourceConfig = SourceConfig()
-    path: PathConfig = PathConfig()
     model: ModelConfig = ModelConfig()
-    coupling: CouplingConfig = CouplingConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
 
+    objective: ClassVar[str] = ""
+    parameterizations: ClassVar[tuple[str, ...]] = PARAMETERIZATIONS
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
+        if not v or not all(c.isalnum() or c in "-_." for c in v) or set(v) <= {"."}:
             raise ValueError(f"'{v}' must be letters, digits, '-', '_' or '.'")
         return v
+
+    @model_validator(mode="after")
+    def _method_fits(self):
+        if self.model.parameterization not in self.parameterizations:
+            raise ValueError(f"model.parameterization: got '{self.model.parameterization}'; graph "
+                             f"'{self.graph}' trains one of {', '.join(self.parameterizations)}")
+        provides = self.provides()
+        scheduler = make_scheduler(self.path.scheduler, **self.path.kwargs())
+        for i, entry in enumerate(self.sample.samplers):
+            missing = get_sampler(entry.method).needs - provides
+            if missing:
+                raise ValueError(f"sample.samplers.{i}.method: sampler '{entry.method}' needs "
+                                 f"{_needs_phrase(missing, self)}")
+            for setting in settings_for(entry.method, entry.nfe, entry.params):
+                try:
+                    if setting.nfe:
+                        time_grid(scheduler, setting.steps, setting.kwargs.get("spacing", "trailing"))
+                except ValueError as e:
+                    raise ValueError(f"sample.samplers.{i}.{e}") from None
+        for name in self.evaluate.likelihood:
+            try:
+                missing = get_likelihood(name).needs - provides
+            except ValueError as e:
+                raise ValueError(f"evaluate.likelihood: {e}") from None
+            if missing:
+                raise ValueError(f"evaluate.likelihood: '{name}' needs {_needs_phrase(missing, self)}")
+        return self
+
+    @property
+    def source_config(self) -> SourceConfig:
+        """Where sampling starts: a graph's `source:` section, N(0, I) when it has none."""
+        return getattr(self, "source", None) or SourceConfig()
 
     @property
     def model_name(self) -> str:
         return self.registry.model_name or f"gendag-{self.name}"
 
     def model_spec(self, data_shape: tuple[int, ...]) -> ModelSpec:
-        """The network, path and parameterization this config trains, for data of `data_shape`."""
+        """The model this config trains, for data of `data_shape`."""
         return ModelSpec(
             network=self.model.network,
             data_shape=tuple(data_shape),
             parameterization=self.model.parameterization,
             scheduler=self.path.scheduler,
             network_kwargs=dict(self.model.kwargs),
-            scheduler_kwargs=dict(self.path.kwargs),
+            scheduler_kwargs=self.path.kwargs(),
         )
+
+    def provides(self) -> frozenset[str]:
+        """What the trained model offers samplers (its family's list, plus a Gaussian source)."""
+        extra = {"gaussian_source"} if self.source_config.name == "gaussian" else set()
+        return self.model_spec(()).provides() | extra
+
+    def training_identity(self) -> dict:
+        """Everything that changes the trained weights (data enter through their hashes)."""
+        keep = self.model_dump(mode="json", exclude={"graph", "name", "data", "source", "sample", "evaluate", "registry"})
+        keep["train"] = {k: v for k, v in keep["train"].items() if k not in TrainConfig.BOOKKEEPING}
+        return {"objective": self.objective, **keep}
 
     def digest(self) -> str:
         """Content hash of everything that changes the numbers (the config hash in lineage)."""
@@ -180,13 +285,58 @@ class RunConfig(Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _needs_phrase(missing: set[str], cfg: RunConfig) -> str:
+    if "gaussian_source" in missing:
+        return f"a Gaussian source (N(0, I)); this run starts from '{cfg.source_config.name}'"
+    if "discrete_time" in missing:
+        return f"a discrete-time (DDPM) model; this one is on the '{cfg.path.scheduler}' path"
+    return f"a model that provides {', '.join(sorted(missing))}"
+
+
+class FlowMatchingConfig(RunConfig):
+    """Conditional flow matching on a Gaussian path, from N(0, I) or a source dataset."""
+
+    graph: Literal["flow-matching"]
+    source: SourceConfig = SourceConfig()
+    path: AnyPath = CondOTPath()
+    coupling: CouplingConfig = CouplingConfig()
+    objective: ClassVar[str] = "flow_matching"
+
+
+class DiffusionConfig(RunConfig):
+    """DDPM training (discrete steps, epsilon / v / x1 prediction); `ddim` is the same training
+    with a DDIM-first sampling grid."""
+
+    graph: Literal["ddpm", "ddim"]
+    path: DDPMPath = DDPMPath()
+    model: ModelConfig = ModelConfig(parameterization="epsilon")
+    objective: ClassVar[str] = "ddpm"
+    parameterizations: ClassVar[tuple[str, ...]] = ("epsilon", "v", "x1")
+
+
+def schemas() -> dict[str, type[RunConfig]]:
+    """Graph name -> its config schema, from every subclass of `RunConfig`."""
+    found, todo = {}, list(RunConfig.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        for name in get_args(cls.model_fields["graph"].annotation):
+            found[name] = cls
+    return found
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"{origin}: {dotted!r} is not a key; expected e.g. train.steps")
     node = tree
     *parents, leaf = dotted.split(".")
     for key in parents:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{key}' is a value, not a section")
+            raise ConfigError(f"{origin}: {dotted}: '{key}' is a value, not a section")
         node = child
     node[leaf] = value
 
@@ -196,41 +346,68 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
-def _section(loc: tuple) -> type[BaseModel] | None:
-    """The config class that owns the key at `loc` (to list its valid keys)."""
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
+def _unwrap(annotation) -> tuple[Any, dict[str, type]]:
+    """A field's model class (through Optional, list and Annotated), or the members of a
+    discriminated union by tag."""
+    while get_origin(annotation) in (Annotated, list, Union):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) is Union and len(args) > 1:
+            return None, {tag: m for m in args for tag in get_args(m.model_fields["scheduler"].annotation)}
+        annotation = args[0]
+    return annotation, {}
+
+
+def _walk(schema: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, list[str]]:
+    """The config class that owns the last key of an error's `loc`, and the location as the
+    user wrote it (pydantic inserts a union member's tag, e.g. path.vp.beta_min)."""
+    owner, where, i = schema, [], 0
+    while i < len(loc):
+        part = loc[i]
+        where.append(str(part))
+        i += 1
+        if isinstance(part, int) or owner is None:
             continue
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        annotation = getattr(annotation, "__args__", (annotation,))[0]  # list[X] -> X
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
+        field = owner.model_fields.get(part)
+        if field is None:
+            break
+        current, tags = _unwrap(field.annotation)
+        if tags and i < len(loc) and loc[i] in tags:
+            current, i = tags[loc[i]], i + 1
+        owner = current if isinstance(current, type) and issubclass(current, BaseModel) else None
+    return owner, where
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, schema: type[BaseModel]) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    owner, parts = _walk(schema, tuple(first["loc"]))
+    where = ".".join(parts) or "config"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        section = _section(first["loc"])
-        valid = f"; valid keys: {', '.join(section.model_fields)}" if section else ""
+        valid = f"; valid keys: {', '.join(owner.model_fields)}" if owner else ""
         return f"{where}: unknown key{valid}"
     if first["type"] == "missing":
         return f"{where}: required key is missing"
-    if not first["type"].startswith("value_error"):
-        msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
-    return f"{where}: {msg}"
+    if first["type"] == "union_tag_invalid":
+        tags = first["ctx"]["expected_tags"]
+        return f"{where}.{first['ctx']['discriminator'].strip(chr(39))}: got {first['ctx']['tag']!r}; expected one of {tags}"
+    if first["type"].startswith("value_error"):
+        if where == "config" or re.match(rf"{re.escape(where)}[.:]", msg):
+            return msg  # the message names its full key already
+        if re.match(r"[\w.]+: ", msg):
+            return f"{where}.{msg}"  # it names a key under `where`
+        return f"{where}: {msg}"
+    return f"{where}: got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
 
 
 def load_config(path: str | Path, scale: str = "cpu", overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config, apply the scale overlay then `--set` overrides, validate."""
+    """Read a YAML config, apply the scale overlay then `--set` overrides, validate with the
+    schema of its graph."""
     path = Path(path)
     if scale not in SCALES:
         raise ConfigError(f"--scale {scale!r}: expected one of {', '.join(SCALES)}")
@@ -239,19 +416,44 @@ def load_config(path: str | Path, scale: str = "cpu", overrides: list[str] = ())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{line}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     tree = copy.deepcopy(raw)
     scales = tree.pop("scales", {}) or {}
+    if not isinstance(scales, dict) or not all(isinstance(v, dict) or v is None for v in scales.values()):
+        raise ConfigError(f"{path}: scales: expected a mapping of scale name -> {{dotted.key: value}}")
     unknown = set(scales) - set(SCALES)
     if unknown:
         raise ConfigError(f"{path}: scales.{sorted(unknown)[0]}: unknown scale; expected one of {', '.join(SCALES)}")
     for key, value in (scales.get(scale) or {}).items():
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, str(key), value, f"{path}: scales.{scale}")
+    apply_overrides(tree, overrides)
+    return validate(tree, str(path), overrides)
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> None:
+    """Apply `--set key.sub=value` items to a config tree, in order."""
     for item in overrides:
-        _set_dotted(tree, *parse_override(item))
+        _set_dotted(tree, *parse_override(item), origin=f"--set {item!r}")
+
+
+def validate(tree: dict, origin: str, overrides: list[str] = ()) -> RunConfig:
+    """Validate a config tree with the schema its `graph:` names; errors name `origin` (the
+    file), or the `--set` that set the offending key."""
+    known = schemas()
+    graph = tree.get("graph")
+    if graph not in known:
+        what = "required key is missing" if graph is None else f"got {graph!r}"
+        raise ConfigError(f"{origin}: graph: {what}; expected one of {', '.join(sorted(known))}")
+    schema = known[graph]
     try:
-        return RunConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(f"{path}: {_format_error(e)}") from None
+        message = _format_error(e, schema)
+        key = message.split(":")[0]
+        blamed = [o for o in overrides if key.startswith(o.split("=", 1)[0].strip())]
+        raise ConfigError(f"--set {blamed[-1]!r}: {message}" if blamed else f"{origin}: {message}") from None

@@ -16,7 +16,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.features import fid_kid, save_classifier, train_feature_extractor
+from models.likelihoods import bits_per_dim, estimate_nll
 from models.metrics import point_scores, reference_set, scoring_blocks, summarize_blocks
+from models.samplers import parse_label
 from tasks.config import RunConfig
 from tasks.data import publish, read_dataset, tracked_hash
 from tasks.infra import Ref, file_digest, home, short_hash, store
@@ -66,15 +68,20 @@ def _load_samples(ref: Ref) -> tuple[np.ndarray, np.ndarray]:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref | None) -> dict[str, float]:
-    """Metrics named `<metric>@<setting>`, e.g. `fid@nfe=4`, `w2@adaptive`, plus `<metric>_floor`:
-    the same protocol applied to as many real training examples as there are samples.
+def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref | None,
+             model: Ref | None = None) -> dict[str, float]:
+    """Metrics named `<metric>@<setting label>`, e.g. `fid@euler,nfe=4`,
+    `w2@dopri5,atol=0.001,rtol=0.001`, plus `<metric>_floor`: the same protocol applied to as
+    many real training examples as there are samples; `nfe@<label>` for adaptive samplers;
+    and the test NLL of every `evaluate.likelihood` estimator (`nll@<name>` in nats per
+    example, `bpd@<name>` in bits per dimension for images), with its standard error.
 
     With `sample.sets` = K > 1 every value is the mean over K sample sets of `n_samples` (and
     over K random subsets of the training data for the floor); `<metric>_sd@...` is their spread.
     The untrained baseline is one set (`models.sampling.sample_count`).
     """
     splits = read_dataset(data)
+    likelihoods = _start_likelihoods(cfg, model, splits) if model is not None else {}
     reference = reference_set(splits.test, splits.kind, cfg.evaluate.n_reference)
     sets = cfg.sample.sets
     loaded = {label: _load_samples(ref) for label, ref in samples.items()}  # label -> (x, nfe per shard)
@@ -87,8 +94,36 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
         scores = {key: image_scores(x, reference, features, cfg, data) for key, x in blocks.items()}
     metrics = summarize_blocks(scores)
     for label, (_, nfe) in loaded.items():
-        if label.startswith("adaptive"):
+        if "nfe" not in parse_label(label)[1]:  # adaptive: the NFE was chosen by the solver
             metrics[f"nfe@{label}"] = float(nfe.mean())
+    return metrics | _finish_likelihoods(likelihoods, splits)
+
+
+def _start_likelihoods(cfg: RunConfig, model: Ref, splits) -> dict:
+    """One Ray task per estimator, started before the sample scores so they overlap."""
+    if not cfg.evaluate.likelihood:
+        return {}
+    import ray
+
+    from tasks.runtime import ensure_ray
+
+    ensure_ray()
+    remote = ray.remote(num_cpus=1)(estimate_nll)
+    x = ray.put(splits.test[: cfg.evaluate.likelihood_examples])
+    return {name: remote.remote(model.uri, name, x, splits.levels, cfg.seed) for name in cfg.evaluate.likelihood}
+
+
+def _finish_likelihoods(futures: dict, splits) -> dict[str, float]:
+    import ray
+
+    metrics = {}
+    dims = int(np.prod(splits.test.shape[1:]))
+    for name, future in futures.items():
+        nll = ray.get(future)
+        if splits.kind == "images":
+            metrics[f"bpd@{name}"], metrics[f"bpd_se@{name}"] = (bits_per_dim(v, dims) for v in (nll["mean"], nll["se"]))
+        else:
+            metrics[f"nll@{name}"], metrics[f"nll_se@{name}"] = nll["mean"], nll["se"]
     return metrics
 
 

@@ -53,6 +53,27 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _log_run(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_files: list[Path],
+             tags: dict[str, str], score: tuple[str, float] | None, log_model: bool = True) -> tuple[str, str]:
+    """One MLflow run: params, config, metrics, training loss, report (and model) files;
+    returns (run id, the model folder's artifact URI)."""
+    import mlflow
+
+    state = model.path / "state.json"
+    losses = json.loads(state.read_text())["losses"] if state.exists() else []
+    with mlflow.start_run(run_name=cfg.name, tags=tags) as run:
+        mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
+        mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+        mlflow.log_metrics({mlflow_metric_name(k): v for k, v in metrics.items()} | dict([score] if score else []))
+        for step, loss in losses:
+            mlflow.log_metric("train_loss", loss, step=step)
+        for file in report_files:
+            mlflow.log_artifact(str(file), artifact_path="report")
+        for file in ("model.safetensors", "model.json") if log_model else ():
+            mlflow.log_artifact(str(model.path / file), artifact_path="model")
+        return run.info.run_id, f"{run.info.artifact_uri}/model"
+
+
 @task(name="register", cache_policy=NO_CACHE)
 def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str, float],
              report_files: list[Path], lineage: dict[str, str]) -> dict:
@@ -63,21 +84,9 @@ def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str
 
     client = MlflowClient()
     _use_experiment(client, cfg.registry.experiment)
-    losses = json.loads((model.path / "state.json").read_text())["losses"]
     score_name, score = primary_score(metrics, kind)
     tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **lineage}
-    with mlflow.start_run(run_name=cfg.name, tags=tags) as run:
-        mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
-        mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
-        mlflow.log_metrics({mlflow_metric_name(k): v for k, v in metrics.items()} | {score_name: score})
-        for step, loss in losses:
-            mlflow.log_metric("train_loss", loss, step=step)
-        for file in report_files:
-            mlflow.log_artifact(str(file), artifact_path="report")
-        for file in ("model.safetensors", "model.json"):
-            mlflow.log_artifact(str(model.path / file), artifact_path="model")
-        run_id = run.info.run_id
-        source = f"{run.info.artifact_uri}/model"
+    run_id, source = _log_run(cfg, model, metrics, report_files, tags, (score_name, score))
 
     name = cfg.model_name
     try:
@@ -92,6 +101,21 @@ def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str
         aliases.append(cfg.registry.champion_alias)
     return {"run_id": run_id, "name": name, "version": int(version.version), "aliases": aliases,
             score_name: score}
+
+
+@task(name="log-evaluation", cache_policy=NO_CACHE)
+def log_evaluation(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_files: list[Path],
+                   lineage: dict[str, str], version: dict) -> dict:
+    """An MLflow run for a new evaluation of a registered model version (no new version, no
+    alias moved), tagged with the version it evaluated and its training run."""
+    from mlflow import MlflowClient
+
+    _use_experiment(MlflowClient(), cfg.registry.experiment)
+    tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **lineage,
+            "gendag.evaluated_model": f"{version['name']}/{version['version']}",
+            "gendag.evaluated_model_run_id": version["run_id"]}
+    run_id, _ = _log_run(cfg, model, metrics, report_files, tags, None, log_model=False)
+    return {"run_id": run_id, "name": version["name"], "version": int(version["version"]), "aliases": []}
 
 
 def _beats_champion(client, name: str, alias: str, score_name: str, score: float) -> bool:

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from models.samplers import parse_label  # noqa: E402
 from tasks.infra import Ref  # noqa: E402
 
 PRIMARY = {"images": "fid", "points": "w2"}
@@ -89,35 +90,48 @@ def trajectories(sample: Ref, label: str, path: Path) -> Path | None:
     return path
 
 
+def curves(metrics: dict[str, float], name: str) -> dict[str, list[tuple[float, float, float]]]:
+    """The primary metric by sampler: {"ddim,eta=0,spacing=trailing": [(nfe, value, sd), ...]}
+    sorted by NFE; an adaptive sampler's point sits at its measured NFE. Untrained baselines
+    are left out (they are read against, not plotted)."""
+    found: dict[str, list[tuple[float, float, float]]] = {}
+    for key, value in metrics.items():
+        metric, _, label = key.partition("@")
+        if metric != name or "untrained" in label:
+            continue
+        method, params = parse_label(label)
+        nfe = float(params.pop("nfe")) if "nfe" in params else metrics.get(f"nfe@{label}", float("nan"))
+        group = ",".join([method] + [f"{k}={v}" for k, v in params.items()])
+        found.setdefault(group, []).append((nfe, value, metrics.get(f"{name}_sd@{label}", 0.0)))
+    return {group: sorted(points) for group, points in sorted(found.items())}
+
+
 def quality_vs_nfe(metrics: dict[str, float], kind: str, path: Path) -> Path:
-    """The primary metric against NFE, with the spread over sample sets as error bars when there is one."""
+    """The primary metric against NFE, one curve per sampler, with the spread over sample sets
+    as error bars when there is one, and the real-data floor."""
     name = PRIMARY[kind]
-    fixed = sorted(
-        (int(m.group(1)), v, metrics.get(f"{name}_sd@nfe={m.group(1)}", 0.0))
-        for k, v in metrics.items() if (m := re.fullmatch(rf"{name}@nfe=(\d+)", k))
-    )
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    if fixed:
-        nfe, value, sd = zip(*fixed)
-        ax.errorbar(nfe, value, yerr=sd, fmt="o-", capsize=3, label="fixed-step solver")
-    if f"{name}@adaptive" in metrics:
-        ax.errorbar([metrics.get("nfe@adaptive", 0)], [metrics[f"{name}@adaptive"]],
-                    yerr=[metrics.get(f"{name}_sd@adaptive", 0.0)], fmt="s", capsize=3, label="adaptive (dopri5)")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for group, points in curves(metrics, name).items():
+        nfe, value, sd = zip(*points)
+        ax.errorbar(nfe, value, yerr=sd, fmt="o-" if len(points) > 1 else "s", capsize=3, label=group, ms=4)
     if f"{name}_floor" in metrics:
         floor, sd = metrics[f"{name}_floor"], metrics.get(f"{name}_sd_floor", 0.0)
         ax.axhline(floor, ls="--", color="gray", label="real data (floor)")
         if sd:
             ax.axhspan(max(floor - sd, 1e-12), floor + sd, color="gray", alpha=0.15)
-    ax.set(xscale="log", yscale="log", xlabel="function evaluations (NFE)", ylabel=name.upper())
-    ax.legend(fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel=name.upper())
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def loss_curve(model: Ref, path: Path) -> Path:
-    losses = json.loads((model.path / "state.json").read_text())["losses"]
+def loss_curve(model: Ref, path: Path) -> Path | None:
+    state = model.path / "state.json"
+    if not state.exists():  # a registered model evaluated again: its loss curve is in its training run
+        return None
+    losses = json.loads(state.read_text())["losses"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(*zip(*losses))
     ax.set(xlabel="step", ylabel="training loss", yscale="log")
@@ -127,8 +141,18 @@ def loss_curve(model: Ref, path: Path) -> Path:
     return path
 
 
+def reading_order(key: str) -> tuple:
+    """Sort metric names as a person reads them: by metric, sampler, then NFE as a number
+    (nfe=1, 2, 4, 16, not 1, 16, 2)."""
+    metric, _, label = key.partition("@")
+    method, params = parse_label(label) if label else ("", {})
+    untrained = params.pop("untrained", None) is not None
+    nfe = float(params.pop("nfe", "inf"))
+    return metric, untrained, method, sorted(params.items()), nfe
+
+
 def metrics_table(metrics: dict[str, float], path: Path) -> Path:
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())]
+    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {metrics[k]:.6g} |" for k in sorted(metrics, key=reading_order)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -146,7 +170,7 @@ def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np
         files.append(sample_grid(samples, reference, folder / "samples.png"))
     else:
         files.append(scatter(samples, reference, folder / "scatter.png"))
-        fixed = [k for k in samples if k.startswith("nfe=") and "untrained" not in k]
-        best = max(fixed, key=lambda k: int(k.split("=")[1])) if fixed else next(iter(samples))
+        trained = [k for k in samples if "untrained" not in k]
+        best = max(trained, key=lambda k: float(parse_label(k)[1].get("nfe", 0)))  # the finest fixed grid
         files.append(trajectories(samples[best], best, folder / "trajectories.png"))
     return [f for f in files if f]

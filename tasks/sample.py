@@ -1,8 +1,10 @@
 """Generate samples in parallel with Ray actors, in fixed shards with their own seeds.
 
 Each actor is a `models.sampling.Sampler`; shard i always starts from the same
-source draw (seeded by (seed, i)), so the result does not depend on how many
-workers there are or which worker ran which shard.
+draw (seeded by (seed, i)) and stochastic samplers take their noise from that same
+generator, so the result does not depend on how many workers there are or which worker
+ran which shard. A setting's file is named by its label, which carries the method and
+every parameter that changes its output (`models.samplers.Setting`).
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ import ray
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.sampling import Sampler, Setting, sample_count, shards
+from models.sampling import Sampler, sample_count, shards
+from models.samplers import Setting
 from tasks.config import RunConfig
 from tasks.infra import Ref, file_digest, short_hash, store
 from tasks.progress import progress_bar
 from tasks.runtime import ensure_ray
 
 
-SCHEME = "shards-v3"  # bump when the way shards are drawn changes: stored samples are keyed by it
+SCHEME = "shards-v4"  # bump when the way shards are drawn changes: stored samples are keyed by it
 
 # Ray ships the class by reference: workers import only models.sampling (torch), not Prefect.
 SamplerActor = ray.remote(num_cpus=1)(Sampler)
+
+
+def sample_folder(cfg: RunConfig, model: Ref) -> Path:
+    """Where the sample sets of a model live: keyed by the model and the sampling protocol."""
+    n = cfg.sample
+    return store() / "samples" / short_hash(SCHEME, model.hash, cfg.seed, n.n_samples, n.sets, n.shard_size)
 
 
 @task(name="sample", cache_policy=NO_CACHE)
@@ -32,16 +41,17 @@ def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting]) 
     """Sample every grid setting with `cfg.sample.num_workers` Ray actors; one .npz per setting
     holding its sample sets one after another (see `sample_count`)."""
     n, sets = cfg.sample.n_samples, cfg.sample.sets
-    key = short_hash(SCHEME, model.hash, cfg.seed, n, sets, cfg.sample.shard_size)
-    out_dir = store() / "samples" / key
+    out_dir = sample_folder(cfg, model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {s.label: out_dir / f"{s.method}-{s.label.replace(',', '-').replace('=', '')}.npz" for s in grid}
+    files = {s.label: out_dir / f"{s.file_stem}.npz" for s in grid}
     todo = [s for s in grid if not files[s.label].exists()]
     if todo:
         ensure_ray()
         source_path = str(source.path / "test.npy") if source else None
+        gpus = 1 if cfg.sample.device == "cuda" else 0
         actors = [
-            SamplerActor.remote(model.uri, cfg.seed, source_path) for _ in range(cfg.sample.num_workers)
+            SamplerActor.options(num_gpus=gpus).remote(model.uri, cfg.seed, source_path, device=cfg.sample.device)
+            for _ in range(cfg.sample.num_workers)
         ]
         jobs = [(s, i, k) for s in todo for i, k in shards(sample_count(s, n, sets), cfg.sample.shard_size)]
         pool = ray.util.ActorPool(actors)

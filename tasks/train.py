@@ -22,10 +22,12 @@ from tasks.runtime import ensure_ray
 from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
 
 
-def run_name(cfg: RunConfig, data: Ref, source: Ref | None) -> str:
-    relevant = cfg.model_dump(include={"seed", "path", "model", "coupling", "train"}, mode="json")
-    relevant["train"].pop("checkpoint_every"), relevant["train"].pop("log_every")
-    return f"{cfg.name}-{short_hash(json.dumps(relevant, sort_keys=True), data.hash, source.hash if source else '')}"
+def run_name(cfg: RunConfig, data: Ref, source: Ref | None, inputs: dict[str, Ref] | None = None) -> str:
+    """`<name>-<hash>` of everything that changes the weights: the objective and its config,
+    the data and source versions, and every extra input (a teacher, a coupling set)."""
+    extra = sorted((name, ref.hash) for name, ref in (inputs or {}).items())
+    identity = json.dumps(cfg.training_identity(), sort_keys=True)
+    return f"{cfg.name}-{short_hash(identity, data.hash, source.hash if source else '', *extra)}"
 
 
 def finalize(checkpoint_dir: Path, folder: Path) -> None:
@@ -42,9 +44,10 @@ def finalize(checkpoint_dir: Path, folder: Path) -> None:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train(cfg: RunConfig, data: Ref, source: Ref | None = None) -> Ref:
-    """Train (or resume, or reuse) the model for this config and data; returns the model folder."""
-    name = run_name(cfg, data, source)
+def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str, Ref] | None = None) -> Ref:
+    """Train (or resume, or reuse) the model for this config and data; returns the model folder.
+    `inputs` are extra model folders the objective needs (e.g. `teacher`), by name."""
+    name = run_name(cfg, data, source, inputs)
     folder = store() / "models" / name
     if not (folder / STATE_FILE).exists():
         ensure_ray()
@@ -56,13 +59,14 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None) -> Ref:
             "run": cfg.model_dump(mode="json"),
             "data": data.uri,
             "source": source.uri if source else None,
+            "inputs": {key: ref.uri for key, ref in (inputs or {}).items()},
             "progress": board.name,
         }
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=loop_config,
-            torch_config=TorchConfig(backend="gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False),
+            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
             run_config=RayRunConfig(
                 name=name,
                 storage_path=str(store() / "ray"),

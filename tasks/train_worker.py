@@ -1,7 +1,9 @@
-"""What each Ray Train worker runs: the DDP training loop with checkpoints.
+"""What each Ray Train worker runs: the DDP training loop with checkpoints, for any objective.
 
-Kept apart from the Prefect task in `tasks/train.py` so that workers import only
-torch, Ray and the models (not Prefect): they start faster.
+The loop knows no method: it builds the model from the config's `ModelSpec`, the
+objective from its registry name (`models.objectives`), and runs DDP, resume, checkpoints
+and progress. Kept apart from the Prefect task in `tasks/train.py` so that workers import
+only torch, Ray and the models (not Prefect): they start faster.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from models.checkpoint import save_model, save_weights
+from models.checkpoint import load_model, save_model, save_weights
 from models.couplings import make_coupling
 from models.ema import EMA
-from models.losses import flow_matching_loss
-from models.paths import GaussianPath
+from models.objectives import make_objective, to_device
 from models.pairs import PairSampler
 from models.training import optimizer_step, scheduled_lr
-from tasks.config import RunConfig
+from tasks.config import validate
 from tasks.progress import ProgressBoard
 
 EMA_FILE = "ema.safetensors"
@@ -39,16 +40,19 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = RunConfig.model_validate(config["run"])
+    cfg = validate(config["run"], "run config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     data = _load_array(config["data"])
     source = _load_array(config["source"]) if config.get("source") else None
     spec = cfg.model_spec(tuple(data.shape[1:]))
-    model = spec.build()
+    model = spec.build().to(device)
+    inputs = {name: load_model(Path(folder)).to(device) for name, folder in config.get("inputs", {}).items()}
+    objective = make_objective(cfg.objective, model, **inputs)
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = {"step": 0, "losses": [], "resumed_from": []}
@@ -56,28 +60,31 @@ def train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
-            ema.shadow.load_state_dict(load_file(str(Path(d) / EMA_FILE)))
-            optimizer.load_state_dict(torch.load(Path(d) / OPTIMIZER_FILE, weights_only=True))
+            model.load_state_dict(load_file(str(Path(d) / "model.safetensors"), device=str(device)))
+            ema.shadow.load_state_dict(load_file(str(Path(d) / EMA_FILE), device=str(device)))
+            for name, module in objective.modules().items():
+                module.load_state_dict(load_file(str(Path(d) / f"{name}.safetensors"), device=str(device)))
+            optimizer.load_state_dict(torch.load(Path(d) / OPTIMIZER_FILE, weights_only=True, map_location=device))
             state = json.loads((Path(d) / STATE_FILE).read_text())
         ema.num_updates = state["step"]  # one EMA update per step: restores the warm-up schedule
         state["resumed_from"] = state.get("resumed_from", []) + [state["step"]]
 
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
-    path = GaussianPath(model.scheduler)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     local_batch = max(1, cfg.train.batch_size // world)
+    coupling = getattr(cfg, "coupling", None)
     pairs = PairSampler(
         data, local_batch, source=source, seed=cfg.seed, rank=rank,
-        coupling=make_coupling(cfg.coupling.kind, **cfg.coupling.kwargs),
+        coupling=make_coupling(coupling.kind, **coupling.kwargs) if coupling else None,
     )
     board = ProgressBoard.find(config.get("progress"))
     running, t_start, start = [], time.perf_counter(), state["step"]
     model.train()
     for batch in pairs.stream(state["step"], cfg.train.steps):
         step = batch.step + 1
-        loss = flow_matching_loss(ddp_model, path, batch.x0, batch.x1, t=batch.t, parameterization=model.parameterization)
+        loss = objective.loss(ddp_model, to_device(batch, device))
         lr = scheduled_lr(batch.step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_schedule)
         running.append(optimizer_step(loss, model, optimizer, ema, lr, cfg.train.grad_clip))
+        objective.after_step()
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             state["losses"].append([step, float(np.mean(running))])
             running = []
@@ -86,10 +93,10 @@ def train_worker(config: dict) -> None:
                 board.update.remote(step, cfg.train.steps, state["losses"][-1][1], rate)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             state["step"] = step
-            _report(step, state, model, ema, optimizer, spec, rank)
+            _report(step, state, model, ema, optimizer, spec, rank, objective.modules())
 
 
-def _report(step, state, model, ema, optimizer, spec, rank) -> None:
+def _report(step, state, model, ema, optimizer, spec, rank, extra) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -100,6 +107,8 @@ def _report(step, state, model, ema, optimizer, spec, rank) -> None:
     with tempfile.TemporaryDirectory() as d:
         save_model(model, spec, Path(d))
         save_weights(ema.shadow, Path(d) / EMA_FILE)
+        for name, module in extra.items():
+            save_weights(module, Path(d) / f"{name}.safetensors")
         torch.save(optimizer.state_dict(), Path(d) / OPTIMIZER_FILE)
         (Path(d) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -4,24 +4,39 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, load_config
+from flows.graphs import GRAPHS
+from tasks.config import ConfigError, load_config, schemas
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MOONS = CONFIGS / "flow-matching" / "gaussians-to-moons.yaml"
+DDPM = CONFIGS / "ddpm" / "moons.yaml"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 @pytest.mark.parametrize("scale", ["tiny", "cpu", "paper"])
 def test_shipped_configs_validate_at_every_scale(path: Path, scale: str) -> None:
     cfg = load_config(path, scale)
-    assert cfg.graph == "flow-matching"
+    assert cfg.graph == path.parent.name and isinstance(cfg, GRAPHS[cfg.graph].schema)
+
+
+def test_every_graph_has_a_schema_and_its_shipped_configs() -> None:
+    assert set(GRAPHS) == set(schemas())
+    for graph in GRAPHS.values():
+        for name in (graph.default_config, *graph.configs):
+            assert load_config(CONFIGS / f"{name}.yaml").graph == graph.name
+
+
+def test_dvc_yaml_is_written_from_the_graph_registry() -> None:
+    from flows.dvc_stages import dvc_yaml
+
+    assert (CONFIGS.parent / "dvc.yaml").read_text() == dvc_yaml(), "run `gendag dvc` after changing GRAPHS"
 
 
 def test_scale_overlay_and_overrides_apply_in_order() -> None:
     assert load_config(MOONS, "cpu").train.steps == 3000
     assert load_config(MOONS, "tiny").train.steps == 1000
-    cfg = load_config(MOONS, "tiny", ["train.steps=7", "coupling.kind=minibatch_ot", "sample.solvers=[{method: rk4, nfe: [4]}]"])
-    assert (cfg.train.steps, cfg.coupling.kind, cfg.sample.solvers[0].nfe) == (7, "minibatch_ot", [4])
+    cfg = load_config(MOONS, "tiny", ["train.steps=7", "coupling.kind=minibatch_ot", "sample.samplers=[{method: rk4, nfe: [4]}]"])
+    assert (cfg.train.steps, cfg.coupling.kind, cfg.sample.samplers[0].nfe) == (7, "minibatch_ot", [4])
 
 
 def test_digest_changes_with_numbers_only_when_values_change() -> None:
@@ -39,8 +54,20 @@ def test_digest_changes_with_numbers_only_when_values_change() -> None:
         (["model.network=resnet"], "model.network: got 'resnet'; input should be 'mlp' or 'unet'"),
         (["data.name=mnistt"], "data.name: got 'mnistt'; input should be 'moons'"),
         (["data.name=npy"], "data: dataset 'npy' needs a path"),
-        (["sample.solvers=[{method: rk4}]"], "sample.solvers.0: solver 'rk4' needs a list of nfe"),
-        (["sample.solvers=[{method: dopri5, nfe: [4]}]"], "solver 'dopri5' is adaptive"),
+        (["sample.samplers=[{method: rk4}]"], "sample.samplers.0.nfe: sampler 'rk4' needs a list of NFE"),
+        (["sample.samplers=[{method: dopri5, nfe: [4]}]"], "sampler 'dopri5' is adaptive"),
+        (["sample.samplers=[{method: heun, nfe: [3]}]"], "sample.samplers.0.nfe: sampler 'heun' uses 2 evaluations per step"),
+        (["sample.samplers=[{method: dopri5, atol: -1}]"], "sample.samplers.0.atol: got -1; expected a number in"),
+        (["sample.samplers=[{method: leapfrog, nfe: [2]}]"], "unknown sampler 'leapfrog'; expected one of ancestral, ddim"),
+        (["sample.samplers=[{method: ddim, nfe: [4]}]"], "sample.samplers.0.method: sampler 'ddim' needs a Gaussian source"),
+        (["sample.samplers=[]"], "sample.samplers: got []"),
+        (["path.scheduler=vp", "path.betas=1"], "--set 'path.betas=1': path.betas: unknown key; valid keys: scheduler, beta_min, beta_max"),
+        (["path.scheduler=ddpm", "path.beta_schedule=quadratic"], "path.beta_schedule: got 'quadratic'; input should be 'linear' or 'cosine'"),
+        (["path.scheduler=warp"], "path.scheduler: got 'warp'; expected one of 'cond_ot', 'vp', 've', 'ddpm'"),
+        (["train.steps=true"], "train.steps: got True; input should be a valid integer"),
+        (["=5"], "--set '=5': '' is not a key"),
+        (["graph=ddpm"], "path.scheduler: got 'cond_ot'; input should be 'ddpm'"),
+        (["name=.."], "name: '..' must be letters"),
         (["train.ema_decay=1.5"], "train.ema_decay: got 1.5"),
         (["name=a b"], "name: 'a b' must be letters"),
         (["train.steps"], "--set 'train.steps': expected key=value"),
@@ -60,11 +87,47 @@ def test_bad_files_and_scales(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(tmp_path / "list.yaml")
-    (tmp_path / "broken.yaml").write_text("a: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    (tmp_path / "broken.yaml").write_text("graph: ddpm\nname: x\na: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line 4"):
         load_config(tmp_path / "broken.yaml")
+    (tmp_path / "nograph.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match="graph: required key is missing; expected one of ddim, ddpm, flow-matching"):
+        load_config(tmp_path / "nograph.yaml")
+    (tmp_path / "badscales.yaml").write_text(MOONS.read_text().replace("  tiny:\n", "  tiny: 5\n  xtiny:\n", 1))
+    with pytest.raises(ConfigError, match="scales: expected a mapping"):
+        load_config(tmp_path / "badscales.yaml")
     with pytest.raises(ConfigError, match="--scale 'huge'"):
         load_config(MOONS, "huge")
     (tmp_path / "scales.yaml").write_text(MOONS.read_text() + "\n  gpu: {seed: 1}\n")
     with pytest.raises(ConfigError, match="scales.gpu: unknown scale"):
         load_config(tmp_path / "scales.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sample.samplers=[{method: ddim, nfe: [1000]}]"], "sample.samplers.0.nfe: 1000 steps exceed the model's 100 training steps"),
+        (["sample.samplers=[{method: ddim, nfe: [10], etaa: 1}]"], "sample.samplers.0.etaa: unknown key for sampler 'ddim'; valid keys: nfe, eta, spacing"),
+        (["sample.samplers=[{method: ddim, nfe: [10], eta: [0, 2]}]"], "sample.samplers.0.eta: got 2; expected a number in [0.0, 1.0]"),
+        (["sample.samplers=[{method: ancestral, nfe: [10], variance: huge}]"], "variance: got 'huge'; expected one of small, large"),
+        (["path.betas=foo"], "path.betas: unknown key; valid keys: scheduler, beta_schedule, timesteps"),
+        (["path.scheduler=vp"], "path.scheduler: got 'vp'; input should be 'ddpm'"),
+        (["source.name=moons"], "source: unknown key"),
+        (["model.parameterization=velocity"], "model.parameterization: got 'velocity'; graph 'ddpm' trains one of epsilon, v, x1"),
+        (["evaluate.likelihood=[exact]"], "evaluate.likelihood: unknown likelihood 'exact'"),
+    ],
+)
+def test_diffusion_configs_check_their_own_keys(overrides, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(DDPM, "tiny", overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_typed_scheduler_settings_and_sampler_grids_are_accepted() -> None:
+    cfg = load_config(DDPM, "tiny", ["path.beta_schedule=cosine", "sample.samplers=[{method: ddim, nfe: [4, 10], eta: [0, 0.5, 1]}]"])
+    assert cfg.path.beta_schedule == "cosine" and cfg.sample.samplers[0].params == {"eta": [0, 0.5, 1]}
+    fm = load_config(MOONS, "tiny", ["path.scheduler=ve", "path.sigma_max=80", "source.name=gaussian",
+                                     "sample.samplers=[{method: ddim, nfe: [4]}]"])
+    assert fm.model_spec((2,)).scheduler_kwargs == {"sigma_min": 0.01, "sigma_max": 80.0}
+    with pytest.raises(ConfigError, match="evaluate.likelihood: 'ddpm_bound' needs a discrete-time"):
+        load_config(MOONS, "tiny", ["evaluate.likelihood=[ddpm_bound]"])

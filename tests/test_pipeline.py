@@ -20,6 +20,7 @@ from flows.cli import app
 pytestmark = pytest.mark.integration
 MOONS = ["run", "flow-matching", "-c", "flow-matching/gaussians-to-moons", "--scale", "tiny"]
 DIGITS = ["run", "flow-matching", "-c", "flow-matching/digits", "--scale", "tiny"]
+EULER1, EULER4, DOPRI = "euler,nfe=1", "euler,nfe=4", "dopri5,atol=0.001,rtol=0.001"  # sample setting labels
 
 
 def gendag(*args: str) -> dict:
@@ -39,13 +40,13 @@ def test_summary_has_metrics_and_lineage(moons: dict) -> None:
                 "registered_model", "prefect_flow_run_id"):
         assert key in moons
     metrics = moons["metrics"]
-    assert {"w2@nfe=1", "w2@nfe=4", "w2@adaptive", "mmd@nfe=4", "nfe@adaptive"} <= set(metrics)
-    assert metrics["nfe@adaptive"] > 4
+    assert {f"w2@{EULER1}", f"w2@{EULER4}", f"w2@{DOPRI}", f"mmd@{EULER4}", f"nfe@{DOPRI}"} <= set(metrics)
+    assert metrics[f"nfe@{DOPRI}"] > 4
     # trained beats the same network at initialization, and more steps beat one step
-    assert metrics["w2@adaptive"] < metrics["w2@nfe=4,untrained"]
-    assert metrics["mmd@adaptive"] < 0.5 * metrics["mmd@nfe=4,untrained"]
-    assert metrics["w2@adaptive"] < metrics["w2@nfe=1"]
-    assert metrics["w2_floor"] < metrics["w2@adaptive"]
+    assert metrics[f"w2@{DOPRI}"] < metrics[f"w2@{EULER4},untrained"]
+    assert metrics[f"mmd@{DOPRI}"] < 0.5 * metrics[f"mmd@{EULER4},untrained"]
+    assert metrics[f"w2@{DOPRI}"] < metrics[f"w2@{EULER1}"]
+    assert metrics["w2_floor"] < metrics[f"w2@{DOPRI}"]
 
 
 def test_registry_entry_and_lineage_tags(moons: dict, workspace: Path) -> None:
@@ -62,7 +63,7 @@ def test_registry_entry_and_lineage_tags(moons: dict, workspace: Path) -> None:
     assert tags["gendag.config_hash"] == moons["config_hash"]
     assert tags["gendag.prefect_flow_run_id"] == moons["prefect_flow_run_id"]
     assert len(tags["gendag.git_commit"]) >= 7
-    assert run.data.metrics["w2/nfe_4"] == pytest.approx(moons["metrics"]["w2@nfe=4"])
+    assert run.data.metrics["w2/euler/nfe_4"] == pytest.approx(moons["metrics"][f"w2@{EULER4}"])
     artifacts = {a.path for d in ("model", "report") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"model/model.safetensors", "model/model.json", "report/scatter.png",
             "report/trajectories.png", "report/quality_vs_nfe.png"} <= artifacts
@@ -125,11 +126,11 @@ def test_two_configs_in_one_process(moons: dict, workspace: Path) -> None:
     assert digits["prefect_flow_run_id"] != again["prefect_flow_run_id"]
 
     metrics = digits["metrics"]
-    assert {"fid@nfe=1", "fid@nfe=4", "fid@adaptive", "kid@nfe=4", "fid_floor", "kid_floor"} <= set(metrics)
-    assert 0 <= metrics["fid_floor"] < metrics["fid@nfe=4,untrained"]
+    assert {f"fid@{EULER1}", f"fid@{EULER4}", f"fid@{DOPRI}", f"kid@{EULER4}", "fid_floor", "kid_floor"} <= set(metrics)
+    assert 0 <= metrics["fid_floor"] < metrics[f"fid@{EULER4},untrained"]
     assert digits["evaluation"]["sets"] == 2  # tiny scale: the mean of two sample sets, with their spread
-    assert metrics["fid_sd_floor"] > 0 and metrics["fid_sd@nfe=4"] > 0 and "kid_sd@adaptive" in metrics
-    assert "fid_sd@nfe=4,untrained" not in metrics  # the baseline is one set
+    assert metrics["fid_sd_floor"] > 0 and metrics[f"fid_sd@{EULER4}"] > 0 and f"kid_sd@{DOPRI}" in metrics
+    assert f"fid_sd@{EULER4},untrained" not in metrics  # the baseline is one set
     assert list((workspace / "data" / "features").glob("*.safetensors.dvc"))
     assert (workspace / "runs" / "both" / "digits" / "report" / "samples.png").stat().st_size > 0
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from models.checkpoint import ModelSpec, save_model
-from models.sampling import Sampler, Setting, sample_count, sampling_grid, shard_seed, shards
+from models.samplers import Setting
+from models.sampling import Sampler, sample_count, sampling_grid, shard_seed, shards
 from models.training import optimizer_step, scheduled_lr
 
 
@@ -24,10 +25,11 @@ def test_shard_seeds_are_distinct_and_stable():
 
 
 def test_grid_adds_the_untrained_baseline_at_the_largest_fixed_nfe():
-    solvers = [SimpleNamespace(method="euler", nfe=[1, 100], atol=1e-5, rtol=1e-5),
-               SimpleNamespace(method="dopri5", nfe=None, atol=1e-4, rtol=1e-4)]
+    solvers = [SimpleNamespace(method="euler", nfe=[1, 100], params={}),
+               SimpleNamespace(method="dopri5", nfe=None, params={"atol": 1e-4, "rtol": 1e-4})]
     grid = sampling_grid(solvers)
-    assert [s.label for s in grid] == ["nfe=1", "nfe=100", "adaptive", "nfe=100,untrained"]
+    assert [s.label for s in grid] == ["euler,nfe=1", "euler,nfe=100", "dopri5,atol=0.0001,rtol=0.0001",
+                                       "euler,nfe=100,untrained"]
     assert grid[-1] == Setting("euler", 100, untrained=True)
     assert [sample_count(s, 500, 8) for s in grid] == [4000, 4000, 4000, 500]  # the baseline is one set
 

@@ -1,0 +1,70 @@
+"""The sub-graphs every graph is made of, and the standard graph body.
+
+    prepare data (DVC) -> train (Ray Train) -> sample (Ray) -> evaluate -> report + register (MLflow)
+
+A graph's body is a short composition of these; `train_and_evaluate` is the standard one
+(flow matching, DDPM, DDIM). `resample` re-samples and re-scores a registered model with
+another sampler grid (`gendag sample`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.summary import lineage, write_summary
+from models.sampling import sampling_grid
+from tasks.config import RunConfig
+from tasks.data import read_dataset, version_dataset
+from tasks.evaluate import evaluate, feature_extractor
+from tasks.infra import Ref
+from tasks.register import log_evaluation, register
+from tasks.report import write_report
+from tasks.sample import sample
+from tasks.train import train
+
+
+@dataclass(frozen=True)
+class Inputs:
+    data: Ref
+    source: Ref | None
+    features: Ref | None  # the FID feature network (images only)
+
+
+def prepare_data(cfg: RunConfig) -> Inputs:
+    """Version the data (and the source dataset, if any) with DVC; the FID feature network."""
+    data = version_dataset(cfg.data, cfg.seed)
+    source_data = cfg.source_config.as_data()
+    source = version_dataset(source_data, cfg.seed + 1) if source_data else None
+    return Inputs(data, source, feature_extractor(cfg, data))
+
+
+def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs) -> tuple[dict[str, Ref], dict[str, float]]:
+    """Every setting of the config's sampler grid, scored against held-out data and the floor."""
+    samples = sample(cfg, model, inputs.source, sampling_grid(cfg.sample.samplers))
+    return samples, evaluate(cfg, samples, inputs.data, inputs.features, model)
+
+
+def report(cfg: RunConfig, out: Path, model: Ref, inputs: Inputs, samples: dict[str, Ref], metrics: dict):
+    splits = read_dataset(inputs.data)
+    return splits.kind, write_report(out / "report", splits.kind, samples, splits.test, metrics, model)
+
+
+def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
+    """data -> train -> sample (the config's grid) -> evaluate -> report -> register."""
+    inputs = prepare_data(cfg)
+    model = train(cfg, inputs.data, inputs.source)
+    samples, metrics = sample_and_evaluate(cfg, model, inputs)
+    kind, files = report(cfg, out, model, inputs, samples, metrics)
+    registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data))
+    return write_summary(out, cfg, inputs.data, model, metrics, registered)
+
+
+def resample(cfg: RunConfig, out: Path, model: Ref, version: dict) -> dict:
+    """A registered model (no training) -> sample (another grid) -> evaluate -> report -> a new
+    MLflow run linked to the model version `version` ({name, version, run_id})."""
+    inputs = prepare_data(cfg)
+    samples, metrics = sample_and_evaluate(cfg, model, inputs)
+    _, files = report(cfg, out, model, inputs, samples, metrics)
+    logged = log_evaluation(cfg, model, metrics, files, lineage(cfg, inputs.data), version)
+    return write_summary(out, cfg, inputs.data, model, metrics, logged)

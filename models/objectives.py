@@ -1,0 +1,95 @@
+"""The objective registry: what a training run minimises.
+
+An ``Objective`` gets the model it trains (and any extra inputs the run was given, e.g. a
+frozen teacher) and returns the loss on one batch. The Ray Train worker
+(``tasks/train_worker.py``) knows nothing else about a method: it builds the model from its
+spec, draws batches that hold what the objective ``needs``, calls ``loss`` through the
+(possibly DDP-wrapped) network, and checkpoints the model, its EMA and the objective's own
+``modules()`` (e.g. an EMA target network), restoring them on resume.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.losses import target_for
+from models.paths import GaussianPath
+
+
+class Objective(abc.ABC):
+    """A training objective. Subclasses are registered with ``register_objective``."""
+
+    name: ClassVar[str] = ""
+    #: What each batch must hold: "data" (x1), "source" (x0: N(0, I) or a source dataset).
+    needs: ClassVar[frozenset[str]] = frozenset({"data", "source"})
+    #: Extra inputs the run must be given, by name (e.g. "teacher": a model folder).
+    inputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, **inputs: nn.Module) -> None:
+        self.model = model
+
+    @abc.abstractmethod
+    def loss(self, net: nn.Module, batch) -> Tensor:
+        """Loss on ``batch`` (with ``x0``, ``x1``, ``t`` ~ U[0, 1)); ``net`` is the model or its
+        DDP wrapper, called as ``net(x_t, t)`` for the raw output."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Extra trained or tracked state to checkpoint beside the model (none by default)."""
+        return {}
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. to move an EMA target)."""
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str):
+    """Class decorator: add an objective to ``OBJECTIVES`` under ``name``."""
+    def add(cls: type[Objective]) -> type[Objective]:
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+    return add
+
+
+def make_objective(name: str, model: nn.Module, **inputs: nn.Module) -> Objective:
+    import models.methods  # noqa: F401  (registers every method's objective)
+
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name](model, **inputs)
+
+
+class PathRegression(Objective):
+    """Regress the conditional target of a Gaussian path at times drawn by ``times``.
+
+    With ``x_t = alpha_t x1 + sigma_t x0`` the network output, in the model's
+    parameterization, is fitted to what ``(x0, x1)`` imply (velocity, epsilon, x1, v or
+    score): flow matching and the DDPM "simple" loss are both this, with different times.
+    """
+
+    def __init__(self, model: nn.Module, **inputs: nn.Module) -> None:
+        super().__init__(model, **inputs)
+        self.path = GaussianPath(model.scheduler)
+
+    def times(self, u: Tensor) -> Tensor:
+        """Training times from uniform draws ``u`` in [0, 1)."""
+        return u
+
+    def loss(self, net: nn.Module, batch) -> Tensor:
+        sample = self.path.sample(batch.x0, batch.x1, self.times(batch.t))
+        target = target_for(self.model.parameterization, sample, self.path.scheduler)
+        return F.mse_loss(net(sample.x_t, sample.t), target)
+
+
+def to_device(batch, device: torch.device):
+    """The batch's tensors moved to ``device`` (a no-op on the CPU)."""
+    if device.type == "cpu":
+        return batch
+    return type(batch)(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(batch).items()})

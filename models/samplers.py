@@ -1,0 +1,216 @@
+"""The sampler registry: every sampler is a plain function over an explicit time grid.
+
+A sampler has the shape of k-diffusion's samplers::
+
+    fn(model, x, grid, generator, callback=None, **params) -> x
+
+``model`` is a ``Denoiser`` (or anything providing what the sampler ``needs``), ``x`` the
+draw at ``grid[0]``, ``grid`` a float64 tensor of times from the source end (t = 0) towards
+the data end (t = 1), ``generator`` the ``torch.Generator`` of this shard: stochastic
+samplers draw every noise from it, so a shard gives the same samples whichever worker runs it.
+``callback(i, x)`` sees the state at ``grid[i]`` (trajectories). Adaptive solvers read
+``grid`` as the times to report and choose their own steps.
+
+``register_sampler`` declares, next to the function, what it needs from the model
+(``velocity``, ``epsilon``, ``x1``, ``score``, ``gaussian_path`` (a Gaussian source),
+...), its parameters with defaults and ranges, and how many network evaluations one grid
+step costs. A sampling ``Setting`` names the method, its NFE and every parameter value, so
+labels, file names and cache keys change whenever the output can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+SampleFn = Callable[..., Tensor]
+SPACINGS = ("trailing", "leading", "quadratic")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One keyword parameter of a sampler: its default and what values are allowed."""
+
+    default: Any
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    doc: str = ""
+
+    def check(self, name: str, value: Any) -> Any:
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ValueError(f"{name}: got {value!r}; expected one of {', '.join(map(str, self.choices))}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}: got {value!r}; expected a number")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise ValueError(f"{name}: got {value!r}; expected a number in [{self.low}, {self.high}]")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    fn: SampleFn
+    needs: frozenset[str]
+    params: dict[str, Param] = field(default_factory=dict)
+    evals_per_step: int = 1  # network evaluations per grid step (fixed-step samplers)
+    adaptive: bool = False  # chooses its own steps; NFE is measured, not set
+    stochastic: bool = False
+    description: str = ""
+
+
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register_sampler(name: str, needs: set[str], params: dict[str, Param] | None = None, *,
+                     evals_per_step: int = 1, adaptive: bool = False, stochastic: bool = False):
+    """Decorator: add a sampler function to ``SAMPLERS`` under ``name``."""
+    def add(fn: SampleFn) -> SampleFn:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        SAMPLERS[name] = SamplerSpec(name, fn, frozenset(needs), dict(params or {}), evals_per_step,
+                                     adaptive, stochastic, doc[0] if doc else "")
+        return fn
+    return add
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    import models.methods  # noqa: F401  (registers every method's samplers)
+
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a sampling grid: method, NFE (None when adaptive) and every parameter."""
+
+    method: str
+    nfe: int | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+    untrained: bool = False  # the same network at initialization: the baseline
+
+    @property
+    def label(self) -> str:
+        """``method,nfe=N,key=value,...`` (parameters sorted; ``,untrained`` for the baseline)."""
+        parts = [self.method] + ([f"nfe={self.nfe}"] if self.nfe else [])
+        parts += [f"{k}={_fmt(v)}" for k, v in self.params]
+        return ",".join(parts + (["untrained"] if self.untrained else []))
+
+    @property
+    def file_stem(self) -> str:
+        return self.label.replace(",", "_").replace("=", "-")
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def steps(self) -> int | None:
+        return None if self.nfe is None else self.nfe // get_sampler(self.method).evals_per_step
+
+
+def parse_label(label: str) -> tuple[str, dict[str, str]]:
+    """``"ddim,nfe=50,eta=0"`` -> ``("ddim", {"nfe": "50", "eta": "0"})`` (``untrained`` -> "1")."""
+    method, *rest = label.split(",")
+    return method, {k: v for k, _, v in (p.partition("=") for p in rest) for v in [v or "1"]}
+
+
+def settings_for(method: str, nfe: list[int] | None, params: dict[str, Any]) -> list[Setting]:
+    """Every setting of one sampler entry: each NFE times each combination of list-valued
+    parameters (so ``eta: [0, 0.5, 1]`` gives three), with defaults filled in. Raises
+    ``ValueError`` naming the parameter when a value or an NFE does not fit the sampler."""
+    spec = get_sampler(method)
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        valid = ", ".join(["nfe"] * (not spec.adaptive) + list(spec.params)) or "none"
+        raise ValueError(f"{unknown[0]}: unknown key for sampler '{method}'; valid keys: {valid}")
+    if spec.adaptive and nfe:
+        raise ValueError(f"nfe: sampler '{method}' is adaptive and chooses its own steps; set its tolerances")
+    if not spec.adaptive:
+        if not nfe:
+            raise ValueError(f"nfe: sampler '{method}' needs a list of NFE, e.g. [1, 2, 4, 8]")
+        bad = [n for n in nfe if n % spec.evals_per_step]
+        if bad:
+            raise ValueError(f"nfe: sampler '{method}' uses {spec.evals_per_step} evaluations per step; "
+                             f"{bad[0]} is not a multiple of {spec.evals_per_step}")
+    choices = []
+    for name, param in spec.params.items():
+        values = params.get(name, param.default)
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise ValueError(f"{name}: empty list")
+        choices.append([(name, param.check(name, v)) for v in values])
+    return [Setting(method, n, tuple(combo)) for n in (nfe or [None]) for combo in product(*choices)]
+
+
+def time_grid(scheduler, steps: int, spacing: str = "trailing") -> Tensor:
+    """``steps + 1`` times from the source end (t = 0) to the data (t = 1), float64.
+
+    Continuous schedulers: uniform steps. A discrete DDPM schedule of T steps (diffusion step
+    ``i`` at ``t = 1 - i / T``) picks ``steps`` of its training steps, then the data:
+    ``trailing`` counts back from T evenly (T, T - T/S, ..., T/S); ``leading`` is the
+    DDIM paper's ``range(0, T, T/S)`` (it starts at ``T - T/S + 1``, never at pure noise);
+    ``quadratic`` is the DDIM paper's CIFAR-10 spacing, dense near the data. Trailing is the
+    default: with it a sampler starts from the prior it assumes at any S (Lin et al. 2024).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    big_t = getattr(scheduler, "timesteps", None)
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing: got {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    if big_t is None:
+        if spacing != "trailing":
+            raise ValueError(f"spacing: '{spacing}' needs a discrete-time (DDPM) schedule; use 'trailing'")
+        return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if steps > big_t:
+        raise ValueError(f"nfe: {steps} steps exceed the model's {big_t} training steps")
+    if spacing == "trailing":
+        index = torch.round(torch.linspace(big_t, 0, steps + 1, dtype=torch.float64)).long()
+    else:
+        if spacing == "leading":
+            index = torch.arange(0, big_t, big_t // steps)[:steps] + 1
+        else:
+            index = (torch.linspace(0, (big_t * 0.8) ** 0.5, steps, dtype=torch.float64) ** 2).long() + 1
+        index = torch.cat([index.flip(0), torch.zeros(1, dtype=torch.long)])
+    if len(set(index.tolist())) != len(index):
+        raise ValueError(f"spacing: '{spacing}' repeats a step at S={steps} of T={big_t}; use 'trailing'")
+    return 1 - index.double() / big_t
+
+
+@dataclass
+class SampleResult:
+    x: Tensor
+    nfe: int  # network evaluations made
+    trajectory: Tensor | None  # (points, B, ...) when asked for
+
+
+def sample_with(setting: Setting, model, x: Tensor, generator: torch.Generator | None = None,
+                trajectory: bool = False, trajectory_points: int = 21) -> SampleResult:
+    """Run one grid setting from the draw ``x``; counts the network's forward calls."""
+    spec = get_sampler(setting.method)
+    kwargs = setting.kwargs
+    if spec.adaptive:
+        grid = torch.linspace(0.0, 1.0, trajectory_points if trajectory else 2, dtype=torch.float64)
+    else:
+        grid = time_grid(model.scheduler, setting.steps, kwargs.get("spacing", "trailing"))
+    calls = [0]
+    hook = model.net.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    path = [x] if trajectory else None
+    try:
+        with torch.no_grad():
+            out = spec.fn(model, x, grid, generator, callback=(lambda i, y: path.append(y)) if trajectory else None,
+                          **{k: v for k, v in kwargs.items() if k != "spacing"})
+    finally:
+        hook.remove()
+    return SampleResult(out, calls[0], torch.stack(path) if trajectory else None)
