@@ -88,7 +88,11 @@ def get_sampler(name: str) -> SamplerSpec:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """Short for people (0.001, 1e-05, 0), exact enough that two values never share a label."""
+    if not isinstance(value, float):
+        return str(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ def time_grid(scheduler, steps: int, spacing: str = "trailing") -> Tensor:
     ``i`` at ``t = 1 - i / T``) picks ``steps`` of its training steps, then the data:
     ``trailing`` counts back from T evenly (T, T - T/S, ..., T/S); ``leading`` is the
     DDIM paper's ``range(0, T, T/S)`` (it starts at ``T - T/S + 1``, never at pure noise);
-    ``quadratic`` is the DDIM paper's CIFAR-10 spacing, dense near the data. Trailing is the
+    ``quadratic`` is the DDIM paper's CIFAR-10 spacing, dense near the data (where it would
+    repeat a step, the later ones move up so all S are distinct). Trailing is the
     default: with it a sampler starts from the prior it assumes at any S (Lin et al. 2024).
     """
     if steps < 1:
@@ -182,6 +187,8 @@ def time_grid(scheduler, steps: int, spacing: str = "trailing") -> Tensor:
             index = torch.arange(0, big_t, big_t // steps)[:steps] + 1
         else:
             index = (torch.linspace(0, (big_t * 0.8) ** 0.5, steps, dtype=torch.float64) ** 2).long() + 1
+            for k in range(1, steps):  # dense near the data, steps repeat: move each up to stay distinct
+                index[k] = max(index[k], index[k - 1] + 1)
         index = torch.cat([index.flip(0), torch.zeros(1, dtype=torch.long)])
     if len(set(index.tolist())) != len(index):
         raise ValueError(f"spacing: '{spacing}' repeats a step at S={steps} of T={big_t}; use 'trailing'")

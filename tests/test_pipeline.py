@@ -142,10 +142,55 @@ def test_bad_config_is_one_line_and_registers_nothing(moons: dict, workspace: Pa
     for bad, needle in ((["--set", "train.stepz=3"], "train.stepz: unknown key"),
                         (["--set", "model.network=resnet"], "model.network: got 'resnet'"),
                         (["--scale", "huge"], "--scale 'huge'"),
-                        (["-c", "flow-matching/nope"], "--config flow-matching/nope: no such file")):
+                        (["-c", "flow-matching/nope"], "--config flow-matching/nope: no such file"),
+                        (["--set", "sample.samplers=[{method: ancestral, nfe: [4]}]"],
+                         "sampler 'ancestral' needs a Gaussian source (N(0, I)); this run starts from 'eight_gaussians'")):
         result = CliRunner().invoke(app, [*MOONS, *bad, "--out", str(workspace / "runs" / "bad")])
         assert result.exit_code == 2
         assert needle in result.output and len(result.output.strip().splitlines()) == 1
     # with several configs, all are checked before the first one runs: moons did not run again
     assert len(MlflowClient().search_model_versions()) == before
     assert not (workspace / "runs" / "bad").exists()
+
+
+DDIM_LABEL = "ddim,nfe=4,eta=0,spacing=trailing"
+
+
+def test_ddpm_graph_then_resample_the_registered_model(workspace: Path) -> None:
+    """DDPM on moons end to end (ancestral, DDIM, probability-flow ODE, the bound), then
+    `gendag sample` scores the registered version with another grid: a new MLflow run linked
+    to that version, no new version; the shared setting reproduces the training run's number."""
+    from mlflow import MlflowClient
+
+    run = gendag("run", "ddpm", "-c", "ddpm/moons", "--scale", "tiny", "--out", str(workspace / "runs" / "ddpm"))
+    metrics = run["metrics"]
+    assert {f"w2@{DDIM_LABEL}", "w2@ancestral,nfe=100,spacing=trailing,variance=small", "w2@euler,nfe=10"} <= set(metrics)
+    assert 0 < metrics["nll@ddpm_bound"] < 10 and metrics["nll_se@ddpm_bound"] > 0
+    assert metrics["w2@ancestral,nfe=100,spacing=trailing,variance=small"] < metrics["w2@ancestral,nfe=100,spacing=trailing,variance=small,untrained"]
+    reg = run["registered_model"]
+    before = len(MlflowClient().search_model_versions(f"name='{reg['name']}'"))
+
+    out = workspace / "runs" / "ddpm-again"
+    again = gendag("sample", f"models:/{reg['name']}@champion", "--sampler", "{method: ddim, nfe: [4], eta: [0, 1]}",
+                   "--out", str(out))
+    assert again["metrics"][f"w2@{DDIM_LABEL}"] == metrics[f"w2@{DDIM_LABEL}"]
+    assert "w2@ddim,nfe=4,eta=1,spacing=trailing" in again["metrics"]
+    assert not any(k.startswith("w2@ancestral") for k in again["metrics"])
+    assert len(MlflowClient().search_model_versions(f"name='{reg['name']}'")) == before
+    tags = MlflowClient().get_run(again["mlflow_run_id"]).data.tags
+    assert tags["gendag.evaluated_model"] == f"{reg['name']}/{reg['version']}"
+    assert tags["gendag.evaluated_model_run_id"] == run["mlflow_run_id"]
+    assert (out / "report" / "quality_vs_nfe.png").stat().st_size > 0
+
+    for bad, needle in (("models:/nope@champion", "the registry has no model 'nope'"),
+                        (str(workspace), "no summary.json here"),
+                        ("models:/x", "expected models:/<name>@<alias>")):
+        result = CliRunner().invoke(app, ["sample", bad])
+        assert result.exit_code == 2 and needle in result.output
+
+
+def test_ddim_graph_on_digits_reports_bits_per_dim(workspace: Path) -> None:
+    run = gendag("run", "ddim", "-c", "ddim/digits", "--scale", "tiny", "--out", str(workspace / "runs" / "ddim"))
+    metrics = run["metrics"]
+    assert 0 < metrics["bpd@ddpm_bound"] < 1e4 and "fid@ancestral,nfe=10,spacing=trailing,variance=small" in metrics
+    assert metrics["fid@ddim,nfe=4,eta=0,spacing=trailing"] < metrics["fid@ancestral,nfe=10,spacing=trailing,variance=small,untrained"]
