@@ -57,6 +57,10 @@ class Scheduler(abc.ABC):
     #: Discrete-time schedules (DDPM) train on ``timesteps`` steps; continuous ones have None.
     discrete: bool = False
     timesteps: int | None = None
+    #: The last time an ODE solver may reach. Variance-preserving paths end with sigma ~ sqrt(1 - t)
+    #: at the data, where the velocity diverges: solvers stop at ``ode_end`` and jump to the
+    #: predicted data (see ``models.solvers``), as score SDEs stop at t = 1 - eps.
+    ode_end: float = 1.0
 
     @abc.abstractmethod
     def __call__(self, t: Tensor) -> SchedulerOutput: ...
@@ -91,6 +95,7 @@ class VPScheduler(Scheduler):
     """
 
     prior_std = 1.0
+    ode_end = 1.0 - 1e-3  # Song et al. 2021's epsilon for the VP SDE
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-12):
         self.beta_min, self.beta_max, self.eps = beta_min, beta_max, eps
@@ -167,6 +172,7 @@ class DDPMScheduler(Scheduler):
             raise ValueError(f"betas must lie in (0, 1); got {beta_start}..{beta_end} over {timesteps} steps")
         # log abar_i for i = 0..T (abar_0 = 1: the data)
         self.log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-self.betas), 0)])
+        self.ode_end = 1.0 - 1.0 / timesteps  # step 1: the last noise level the model was trained on
 
     def time_of(self, step: Tensor) -> Tensor:
         """Time ``t = 1 - i / T`` of integer diffusion steps ``i`` (float64)."""

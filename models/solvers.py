@@ -166,11 +166,26 @@ def _velocity(model):
     return lambda x, t: model.velocity(x, time_batch(t, x))
 
 
+def _to_data(model, x: Tensor, t: float, callback, i: int) -> Tensor:
+    """The jump from time ``t`` to the data end: the predicted data ``x1_hat(x, t)`` (1 NFE)."""
+    x = model.pivot(x, t)[0]
+    if callback:
+        callback(i, x)
+    return x
+
+
 def _fixed_step_sampler(method: str):
     def sample(model, x: Tensor, grid: Tensor, generator=None, callback=None) -> Tensor:
-        return _integrate(_STEPPERS[method][0], _velocity(model), x, grid.tolist(), callback)
+        times = grid.tolist()
+        if model.scheduler.ode_end >= times[-1]:
+            return _integrate(_STEPPERS[method][0], _velocity(model), x, times, callback)
+        # the velocity diverges at the data end of this path: the last step is a jump to the
+        # predicted data (DDIM's last step; k-diffusion ends Heun with an Euler step the same way)
+        x = _integrate(_STEPPERS[method][0], _velocity(model), x, times[:-1], callback)
+        return _to_data(model, x, times[-2], callback, len(times) - 1)
 
-    sample.__doc__ = f"Probability-flow / flow ODE, {method} steps over the grid ({_STEPPERS[method][1]} NFE a step)."
+    sample.__doc__ = (f"Probability-flow / flow ODE, {method} steps over the grid ({_STEPPERS[method][1]} NFE a "
+                      "step; a path singular at the data ends with a 1-NFE jump to the predicted data).")
     return sample
 
 
@@ -183,10 +198,18 @@ _TOLERANCE = Param(1e-5, low=1e-12, high=1.0, doc="torchdiffeq tolerance")
 @register_sampler("dopri5", {"velocity"}, {"atol": _TOLERANCE, "rtol": _TOLERANCE}, adaptive=True)
 def dopri5(model, x: Tensor, grid: Tensor, generator=None, callback=None, atol: float = 1e-5,
            rtol: float = 1e-5) -> Tensor:
-    """Probability-flow / flow ODE, adaptive Dormand-Prince 5(4) (torchdiffeq); reports at ``grid``."""
+    """Probability-flow / flow ODE, adaptive Dormand-Prince 5(4) (torchdiffeq), to the scheduler's
+    ``ode_end`` (then a jump to the predicted data if that is before t = 1); reports at ``grid``."""
     velocity = _velocity(model)
-    path = odeint(lambda t, y: velocity(y, t), x, grid.to(device=x.device, dtype=x.dtype), method="dopri5", atol=atol, rtol=rtol)
+    end = min(model.scheduler.ode_end, 1.0)
+    times = grid.clone()
+    times[-1] = end
+    times = times.to(device=x.device, dtype=x.dtype)
+    # torchdiffeq's last step may overshoot the end and interpolate back: past `ode_end` the
+    # velocity is held at its value there (beyond it a VP path's velocity diverges)
+    field = (lambda t, y: velocity(y, t.clamp(max=end))) if end < 1.0 else (lambda t, y: velocity(y, t))
+    path = odeint(field, x, times, method="dopri5", atol=atol, rtol=rtol)
     for i in range(1, len(path)):
-        if callback:
+        if callback and (end >= 1.0 or i < len(path) - 1):
             callback(i, path[i])
-    return path[-1]
+    return path[-1] if end >= 1.0 else _to_data(model, path[-1], end, callback, len(path) - 1)

@@ -100,7 +100,8 @@ def curves(metrics: dict[str, float], name: str) -> dict[str, list[tuple[float, 
         if metric != name or "untrained" in label:
             continue
         method, params = parse_label(label)
-        nfe = float(params.pop("nfe")) if "nfe" in params else metrics.get(f"nfe@{label}", float("nan"))
+        asked = float(params.pop("nfe", "nan"))
+        nfe = metrics.get(f"nfe@{label}", asked)  # what the sampler really used
         group = ",".join([method] + [f"{k}={v}" for k, v in params.items()])
         found.setdefault(group, []).append((nfe, value, metrics.get(f"{name}_sd@{label}", 0.0)))
     return {group: sorted(points) for group, points in sorted(found.items())}
