@@ -1,20 +1,20 @@
-"""(c) Sampler cost per NFE vs one bare network forward.
+"""(c) Sampler cost per NFE vs one bare network forward, for every registered sampler.
 
-ratio(method) = wall time of solve_ode(model.velocity, x0, method) / time spent in the network's
-                forward calls during that same solve
+ratio(setting) = wall time of models.samplers.sample_with(setting, model, x0, generator) / time
+                 spent in the network's forward calls during that same call
 
 i.e. cost per NFE / cost of one bare net(x, t) forward, measured inside one call: the network is
 wrapped in a timer, so both sides see the same inputs at the same moment, and drift in the
 machine's speed (it moves by 10-20% within minutes on this shared machine) cancels. Everything
-outside the forward counts as solver cost: `Denoiser.velocity` (time batching, parameterization
-conversion), the solver's own arithmetic and, for dopri5, torchdiffeq's step control.
+outside the forward counts as sampler cost: the time grid, `Denoiser.velocity` / `pivot`
+(parameterization conversion), the sampler's own arithmetic and noise draws, the NFE-counting
+hook and, for dopri5, torchdiffeq's step control.
 
-Measured for euler, midpoint, heun, rk4 at N = 100 and for dopri5 per *reported* NFE, on the two
-networks the shipped configs sample with, at their shard size and dopri5 tolerance (read from the
-shipped configs at `cpu` scale):
-
-- digits: the digits config's UNet on its shard size of 1 x 8 x 8 images;
-- moons:  the moons config's MLP on its shard size of 2-D points.
+Measured on the network of every shipped config of the flow-matching and ddpm graphs (the ddim
+graph trains the ddpm models), at its shard size, for every registered sampler the model can
+feed (its `needs` met by the config): fixed-step samplers at N = 100 (ancestral small and large
+variance, DDIM at eta 0 and 1, the ODE solvers), dopri5 per *reported* NFE at the config's
+tolerance (1e-3 where the config has none).
 
 The headline is the median over rounds; a plain loop of N bare forwards is timed in each round
 for reference. torch uses 1 thread, as the sampling actors do (models.sampling.Sampler).
@@ -31,23 +31,33 @@ import torch
 from torch import nn
 
 from models.checkpoint import ModelSpec
-from models.solvers import solve_ode
-from tasks.config import load_config
+from models.samplers import SAMPLERS, Setting, get_sampler, sample_with, settings_for
+from tasks.config import RunConfig, load_config
 
-TARGET = "solve_ode time <= 1.1 x (NFE x one net(x, t) forward)"
-FIXED = ("euler", "midpoint", "heun", "rk4")
+TARGET = "sampler time <= 1.1 x (NFE x one net(x, t) forward)"
+CONFIGS = {"flow-matching/digits": (1, 8, 8), "flow-matching/gaussians-to-moons": (2,),
+           "ddpm/digits": (1, 8, 8), "ddpm/moons": (2,)}
+VARIANTS = {"ancestral": {"variance": ["small", "large"]}, "ddim": {"eta": [0.0, 1.0]}}
 
-SHAPES = {"digits": (1, 8, 8), "gaussians-to-moons": (2,)}
+
+def settings(cfg: RunConfig, nfe: int) -> list[Setting]:
+    """Every registered sampler this config's model can feed, at `nfe` (or its dopri5 tolerance)."""
+    get_sampler("euler")  # registers every method
+    adaptive = [e.params for e in cfg.sample.samplers if get_sampler(e.method).adaptive]
+    tol = adaptive[0] if adaptive else {"atol": 1e-3, "rtol": 1e-3}
+    out = []
+    for name, spec in SAMPLERS.items():
+        if spec.needs <= cfg.provides():
+            out += settings_for(name, [] if spec.adaptive else [nfe], tol if spec.adaptive else VARIANTS.get(name, {}))
+    return out
 
 
-def shipped_models() -> dict[str, tuple[ModelSpec, int, float]]:
-    """name -> (model spec, shard size, dopri5 tolerance) of the configs the main job runs."""
+def shipped_models() -> dict[str, tuple[ModelSpec, int, list]]:
+    """config -> (model spec, shard size, configs' settings) of the shipped configs."""
     out = {}
-    for config, shape in SHAPES.items():
-        cfg = load_config(C.ROOT / "configs" / "flow-matching" / f"{config}.yaml")
-        adaptive = [s for s in cfg.sample.samplers if not s.nfe]
-        tol = adaptive[0].params["atol"] if adaptive else 1e-5
-        out[f"{config}-{cfg.model.network}"] = (cfg.model_spec(shape), cfg.sample.shard_size, tol)
+    for config, shape in CONFIGS.items():
+        cfg = load_config(C.ROOT / "configs" / f"{config}.yaml")
+        out[config] = (cfg.model_spec(shape), cfg.sample.shard_size, cfg)
     return out
 
 
@@ -76,39 +86,38 @@ class TimedNet(nn.Module):
         return out
 
 
-def measure(name: str, spec: ModelSpec, batch: int, tol: float, nfe: int, rounds: int) -> list[dict]:
+def measure(name: str, spec: ModelSpec, batch: int, cfg: RunConfig, nfe: int, rounds: int) -> list[dict]:
     model = build(spec)
     bare, model.net = model.net, TimedNet(model.net)
     x0 = torch.randn(batch, *spec.data_shape, generator=torch.Generator().manual_seed(1))
     t = torch.full((batch,), 0.5)
-    methods = (*FIXED, "dopri5")
+    grid = settings(cfg, nfe)
 
-    def solve(method: str) -> tuple[float, float, int]:
-        """(wall / time in the forwards, ms per forward, NFE) of one solve."""
+    def run(setting: Setting) -> tuple[float, float, int]:
+        """(wall / time in the forwards, ms per forward, NFE) of one call."""
         model.net.seconds, model.net.calls = 0.0, 0
-        kwargs = {"atol": tol, "rtol": tol} if method == "dopri5" else {"nfe": nfe}
         start = time.perf_counter()
-        sol = solve_ode(model.velocity, x0, method, **kwargs)
+        out = sample_with(setting, model, x0, torch.Generator().manual_seed(2))
         wall = time.perf_counter() - start
-        assert model.net.calls == sol.nfe
-        return wall / model.net.seconds, model.net.seconds / sol.nfe * 1e3, sol.nfe
+        assert model.net.calls == out.nfe
+        return wall / model.net.seconds, model.net.seconds / out.nfe * 1e3, out.nfe
 
-    runs: dict[str, list[tuple[float, float, int]]] = {m: [] for m in methods}
+    runs: dict[str, list[tuple[float, float, int]]] = {s.label: [] for s in grid}
     bare_ms = []
     with torch.no_grad():
-        solve("euler"), solve("dopri5")  # warm-up
+        run(grid[0]), run(grid[-1])  # warm-up
         for _ in range(rounds):
             start = time.perf_counter()
             for _ in range(nfe):
                 bare(x0, t)
             bare_ms.append((time.perf_counter() - start) / nfe * 1e3)
-            for method in methods:
-                runs[method].append(solve(method))
+            for setting in grid:
+                runs[setting.label].append(run(setting))
     rows = []
-    for method in methods:
-        ratios, net_ms, nfes = zip(*runs[method])
+    for label, results in runs.items():
+        ratios, net_ms, nfes = zip(*results)
         rows.append({
-            "model": name, "method": method, "nfe": nfes[-1], "ratio_vs_net": C.median(ratios),
+            "model": f"{name} ({spec.network})", "setting": label, "nfe": nfes[-1], "ratio_vs_net": C.median(ratios),
             "ratio_range": [min(ratios), max(ratios)], "net_ms_in_solve": C.median(net_ms),
             "net_ms_bare_loop": C.median(bare_ms),
         })
@@ -121,17 +130,17 @@ def main() -> None:
     nfe, rounds = (20, 3) if args.quick else (100, 7)
     print(f"machine before: {C.uptime()}")
     rows = []
-    for name, (spec, batch, tol) in shipped_models().items():
-        rows += measure(name, spec, batch, tol, nfe, rounds)
+    for name, (spec, batch, cfg) in shipped_models().items():
+        rows += measure(name, spec, batch, cfg, nfe, rounds)
     C.print_table(
-        f"solve_ode cost per NFE / one net(x, t) forward in the same solve (median of {rounds} rounds; 1 thread)",
-        ["model", "method", "NFE", "ratio", "(min-max)", "net ms in solve", "net ms, bare loop"],
-        [[r["model"], r["method"], r["nfe"], r["ratio_vs_net"], "{:.3f}-{:.3f}".format(*r["ratio_range"]),
+        f"sampler cost per NFE / one net(x, t) forward in the same call (median of {rounds} rounds; 1 thread)",
+        ["model", "setting", "NFE", "ratio", "(min-max)", "net ms in call", "net ms, bare loop"],
+        [[r["model"], r["setting"], r["nfe"], r["ratio_vs_net"], "{:.3f}-{:.3f}".format(*r["ratio_range"]),
           r["net_ms_in_solve"], r["net_ms_bare_loop"]] for r in rows],
     )
     worst = max(rows, key=lambda r: r["ratio_vs_net"])
-    summary = {f"{r['model']} {r['method']}": round(r["ratio_vs_net"], 3) for r in rows}
-    summary["worst"] = f"{worst['model']} {worst['method']} {worst['ratio_vs_net']:.3f}x"
+    summary = {f"{r['model']} {r['setting']}": round(r["ratio_vs_net"], 3) for r in rows}
+    summary["worst"] = f"{worst['model']} {worst['setting']} {worst['ratio_vs_net']:.3f}x"
     summary["pass"] = all(r["ratio_vs_net"] <= 1.1 for r in rows)
     C.finish(args, "c_solver_overhead", TARGET, summary, {"rows": rows, "torch_threads": 1})
 

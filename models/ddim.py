@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from models.ddpm import SPACING, posterior
+from models.ddpm import SPACING, posterior, scheduler_at
 from models.samplers import Param, register_sampler
 
 
@@ -34,8 +34,7 @@ def ddim(model, x: Tensor, grid: Tensor, generator: torch.Generator | None = Non
     sched = model.scheduler
     for i, (t_a, t_b) in enumerate(zip(times[:-1], times[1:]), start=1):
         x1, eps = model.pivot(x, t_a)
-        b = sched(torch.tensor(t_b, dtype=torch.float64))
-        alpha_b, sigma_b = float(b.alpha), float(b.sigma)
+        alpha_b, sigma_b = scheduler_at(sched, t_b)
         c2 = eta**2 * posterior(sched, t_a, t_b).var_small if eta else 0.0
         x = alpha_b * x1 + math.sqrt(max(sigma_b**2 - c2, 0.0)) * eps
         if c2 > 0:

@@ -20,6 +20,7 @@ ancestral sampler also runs on continuous paths.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class Posterior:
     var_large: float
 
 
+@functools.lru_cache(maxsize=4096)
 def posterior(scheduler: Scheduler, t_a: float, t_b: float) -> Posterior:
     """Coefficients of the Gaussian posterior between two times of a Gaussian path (float64).
 
@@ -64,12 +66,18 @@ def posterior(scheduler: Scheduler, t_a: float, t_b: float) -> Posterior:
     ``x1``, variance ``sigma_ab^2 sigma_b^2 / sigma_a^2``. For consecutive DDPM steps these are
     Ho et al.'s Eq. 7 (beta-tilde).
     """
-    s = scheduler(torch.tensor([t_a, t_b], dtype=torch.float64))
-    (alpha_a, alpha_b), (sigma_a, sigma_b) = s.alpha.tolist(), s.sigma.tolist()
+    (alpha_a, sigma_a), (alpha_b, sigma_b) = scheduler_at(scheduler, t_a), scheduler_at(scheduler, t_b)
     alpha_ab = alpha_a / alpha_b
     var_ab = max(sigma_a**2 - alpha_ab**2 * sigma_b**2, 0.0)
     return Posterior(alpha_ab * sigma_b**2 / sigma_a**2, alpha_b * var_ab / sigma_a**2,
                      var_ab * sigma_b**2 / sigma_a**2, var_ab)
+
+
+@functools.lru_cache(maxsize=4096)
+def scheduler_at(scheduler: Scheduler, t: float) -> tuple[float, float]:
+    """``(alpha_t, sigma_t)`` as floats (float64 arithmetic), cached: grids repeat across shards."""
+    s = scheduler(torch.tensor(t, dtype=torch.float64))
+    return float(s.alpha), float(s.sigma)
 
 
 VARIANCES = ("small", "large")

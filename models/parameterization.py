@@ -17,6 +17,8 @@ determinant ``alpha * d_sigma - sigma * d_alpha`` of the velocity system (sign k
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -65,6 +67,20 @@ def from_pivot(x1: Tensor, eps: Tensor, s: SchedulerOutput, target: str) -> Tens
     return -eps / _safe(s.sigma)
 
 
+def coefficients(scheduler: Scheduler, t: float | Tensor, x: Tensor) -> SchedulerOutput:
+    """The scheduler at ``t``, shaped to broadcast against ``x``. A time shared by the whole batch
+    (a float, or a batch expanded from one value, as samplers pass) is evaluated once."""
+    t = time_batch(t, x)
+    if len(t) > 1 and t.stride(0) == 0:  # samplers revisit the same grid times shard after shard
+        return _shared_coefficients(scheduler, float(t[0]), x.dtype, x.device, x.ndim)
+    return scheduler(expand_like(t, x))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_coefficients(scheduler: Scheduler, t: float, dtype, device, ndim: int) -> SchedulerOutput:
+    return scheduler(torch.full((1,) * ndim, t, dtype=dtype, device=device))
+
+
 def convert(
     pred: Tensor, x_t: Tensor, t: Tensor, scheduler: Scheduler, source: str, target: str
 ) -> Tensor:
@@ -73,7 +89,7 @@ def convert(
     _check(target)
     if source == target:
         return pred
-    s = scheduler(expand_like(time_batch(t, x_t), x_t))
+    s = coefficients(scheduler, t, x_t)
     return from_pivot(*to_pivot(pred, x_t, s, source), s, target)
 
 
@@ -106,9 +122,7 @@ class Denoiser(nn.Module):
 
     def pivot(self, x: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
         """``(x1_hat, eps_hat)`` from one network evaluation."""
-        t = time_batch(t, x)
-        s = self.scheduler(expand_like(t, x))
-        return to_pivot(self(x, t), x, s, self.parameterization)
+        return to_pivot(self(x, t), x, coefficients(self.scheduler, t, x), self.parameterization)
 
     def prior(self, shape: tuple[int, ...], n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws of where sampling starts (t = 0): ``N(0, prior_std^2 I)`` of the scheduler."""
