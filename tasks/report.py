@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -35,6 +36,11 @@ def _image_tile(images: np.ndarray, cols: int = 8) -> np.ndarray:
     return np.clip(canvas, 0, 1)
 
 
+def _title(label: str, width: int = 30) -> str:
+    """A setting label wrapped at its commas to fit over a panel."""
+    return "\n".join(textwrap.wrap(label.replace(",", ", "), width))
+
+
 def _panels(count: int, size: float = 3.0):
     cols = min(count, 4)
     rows = math.ceil(count / cols)
@@ -50,7 +56,7 @@ def sample_grid(samples: dict[str, Ref], reference: np.ndarray, path: Path, n: i
     for ax, (label, images) in zip(axes, sets.items()):
         tile = _image_tile(images)
         ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(_title(label), fontsize=8)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -64,8 +70,8 @@ def scatter(samples: dict[str, Ref], reference: np.ndarray, path: Path, n: int =
     lim = np.abs(reference).max() * 1.3
     for ax, (label, pts) in zip(axes, sets.items()):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
-        ax.set(title=label, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
-        ax.title.set_fontsize(9)
+        ax.set(title=_title(label), xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+        ax.title.set_fontsize(8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
