@@ -169,7 +169,9 @@ class DDPMScheduler(Scheduler):
         self.beta_schedule, self.timesteps = beta_schedule, timesteps
         self.betas = ddpm_betas(beta_schedule, timesteps, beta_start, beta_end)
         if not bool(((self.betas > 0) & (self.betas < 1)).all()):
-            raise ValueError(f"betas must lie in (0, 1); got {beta_start}..{beta_end} over {timesteps} steps")
+            raise ValueError(f"timesteps: linear betas {beta_start}..{beta_end}, scaled by 1000/T, reach "
+                             f"{float(self.betas.max()):.3g} at T={timesteps}; need betas below 1 (more timesteps, "
+                             "a smaller beta_end, or beta_schedule: cosine)")
         # log abar_i for i = 0..T (abar_0 = 1: the data)
         self.log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-self.betas), 0)])
         self.ode_end = 1.0 - 1.0 / timesteps  # step 1: the last noise level the model was trained on

@@ -227,7 +227,10 @@ class RunConfig(Strict):
             raise ValueError(f"model.parameterization: got '{self.model.parameterization}'; graph "
                              f"'{self.graph}' trains one of {', '.join(self.parameterizations)}")
         provides = self.provides()
-        scheduler = make_scheduler(self.path.scheduler, **self.path.kwargs())
+        try:
+            scheduler = make_scheduler(self.path.scheduler, **self.path.kwargs())
+        except ValueError as e:
+            raise ValueError(f"path.{e}") from None
         for i, entry in enumerate(self.sample.samplers):
             missing = get_sampler(entry.method).needs - provides
             if missing:

@@ -42,12 +42,28 @@ def model_dir(tmp_path):
     return str(tmp_path)
 
 
-def test_a_shard_is_the_same_whatever_ran_before_it(model_dir):
-    a, b = Sampler(model_dir, 0, None), Sampler(model_dir, 0, None)
-    setting = Setting("euler", 4)
+@pytest.fixture
+def ddpm_dir(tmp_path):
+    torch.manual_seed(1)
+    spec = ModelSpec("mlp", (2,), parameterization="epsilon", scheduler="ddpm", network_kwargs={"hidden": 16, "layers": 2},
+                     scheduler_kwargs={"timesteps": 20, "beta_schedule": "cosine"})
+    save_model(spec.build(), spec, tmp_path / "ddpm")
+    return str(tmp_path / "ddpm")
+
+
+@pytest.mark.parametrize("kind, setting", [
+    ("flow", Setting("euler", 4)),
+    ("ddpm", Setting("ancestral", 4, (("spacing", "trailing"), ("variance", "small")))),
+    ("ddpm", Setting("ddim", 4, (("eta", 1.0), ("spacing", "trailing")))),
+])
+def test_a_shard_is_the_same_whatever_ran_before_it(kind, setting, model_dir, ddpm_dir):
+    """Deterministic and stochastic samplers alike: a shard's samples depend on (seed, shard)
+    only, not on the worker or what it sampled before (noise comes from the shard's generator)."""
+    folder = model_dir if kind == "flow" else ddpm_dir
+    a, b = Sampler(folder, 0, None), Sampler(folder, 0, None)
     first = a.run(setting, 1, 8, seed=5)["x"]
     b.run(setting, 0, 8, seed=5)
-    b.run(Setting("euler", 4, untrained=True), 3, 8, seed=5)
+    b.run(Setting(setting.method, 4, setting.params, untrained=True), 3, 8, seed=5)
     np.testing.assert_array_equal(first, b.run(setting, 1, 8, seed=5)["x"])
     assert not np.array_equal(first, a.run(setting, 2, 8, seed=5)["x"])
 
