@@ -146,11 +146,14 @@ def _split(
 ) -> Splits:
     """Shuffle once with the spec's seed, take the test split first, cap the rest as train."""
     n = len(data)
+    if n < 2:
+        raise DatasetError(f"dataset {spec.name}: holds {n} item(s); need at least 2 to split into train and test")
     if default_test is None:
         default_test = max(1, round(0.1 * n))
     n_test = default_test if spec.n_test is None else spec.n_test
     if not 0 < n_test < n:
-        raise DatasetError(f"dataset {spec.name}: n_test={n_test} must be between 1 and {n - 1} for {n} items")
+        raise DatasetError(f"data.n_test: {n_test} leaves no training data: dataset {spec.name} has {n} items, "
+                           f"so n_test must be between 1 and {n - 1}")
     order = np.random.default_rng(spec.seed).permutation(n)
     test_idx, train_idx = order[:n_test], order[n_test:]
     train_idx = train_idx[: _cap(spec.n_train, len(train_idx))]
@@ -182,21 +185,87 @@ def _require_path(spec: DatasetSpec) -> Path:
     return Path(spec.path)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _what_it_is(head: bytes) -> str:
+    """What a file that is not a .npy array looks like, from its first bytes."""
+    if not head:
+        return "an empty file"
+    for magic, what in ((b"PK\x03\x04", "a zip archive (an .npz? save one array with numpy.save)"),
+                        (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                        (b"\x80", "a Python pickle")):
+        if head.startswith(magic):
+            return what
+    try:
+        return f"text starting {head.decode('utf-8').splitlines()[0][:24]!r}"
+    except (UnicodeDecodeError, IndexError):
+        return "binary data without the .npy header"
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a .npy file, read from its header alone; refuses anything that is not
+    a complete numeric array (another format, Python objects, text, a truncated file)."""
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+        if head != NPY_MAGIC:
+            raise DatasetError(f"data.path: {path} is not a .npy file: it is {_what_it_is(head + f.read(58))}"
+                               " — expected an array saved with numpy.save")
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except ValueError as err:
+            raise DatasetError(f"data.path: {path} has a damaged .npy header ({err})") from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise DatasetError(f"data.path: {path} holds Python objects (dtype object) — expected numbers")
+    if dtype.kind not in "iuf":
+        raise DatasetError(f"data.path: {path} has dtype {dtype} — expected numbers (integers or floats)")
+    expected, size = offset + int(np.prod(shape)) * dtype.itemsize, path.stat().st_size
+    if size < expected:
+        raise DatasetError(f"data.path: {path} is truncated: {size} bytes, but a {dtype} array of shape {shape} "
+                           f"takes {expected}")
+    return tuple(shape), dtype
+
+
+def _as_float32(array: np.ndarray, path: Path) -> np.ndarray:
+    """`array` as float32, or a DatasetError naming the first non-finite value: a NaN or Inf in
+    the file, or a number float32 cannot hold."""
+    with np.errstate(over="ignore"):
+        converted = array.astype(np.float32)
+    bad = ~np.isfinite(converted)
+    if not bad.any():
+        return converted
+    item = int(np.argwhere(bad)[0][0])
+    if np.isfinite(array).all():
+        biggest = float(np.abs(array).max())
+        raise DatasetError(f"data.path: {path} holds values float32 cannot hold (up to {biggest:.3g}, first in "
+                           f"item {item}) — expected finite numbers of a sensible scale")
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    raise DatasetError(f"data.path: {path} holds {nan} NaN and {inf} infinite values (first in item {item}) "
+                       "— expected finite numbers")
+
+
 def _load_npy(spec: DatasetSpec) -> Splits:
     path = _require_path(spec)
     if not path.is_file():
         raise DatasetError(f"data.path: {path} does not exist — expected a .npy file")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise DatasetError(f"data.path: {path} is not a plain numeric .npy array ({err})") from err
+    shape, dtype = _npy_header(path)
     expected = "expected (N, d) points or (N, H, W)/(N, C, H, W) images"
+    if len(shape) not in (2, 3, 4):
+        raise DatasetError(f"data.path: {path} has shape {shape} — {expected}")
+    if shape[0] < 2:
+        raise DatasetError(f"data.path: {path} has shape {shape}: {shape[0]} item(s) — need at least 2 "
+                           "to split into train and test")
+    if 0 in shape[1:]:
+        raise DatasetError(f"data.path: {path} has shape {shape}: items of size 0 — {expected}")
+    array = np.load(path, allow_pickle=False)
     if array.ndim == 2:
-        return _split(array.astype(np.float32), spec, "points")
+        return _split(_as_float32(array, path), spec, "points")
     if array.ndim == 3:
         array = array[:, None]
-    if array.ndim != 4 or len(array) < 2:
-        raise DatasetError(f"data.path: {path} has shape {array.shape} — {expected}")
     if array.shape[1] not in (1, 3):
         raise DatasetError(
             f"data.path: {path} has shape {array.shape} — images need 1 or 3 channels first: (N, C, H, W)"
@@ -205,12 +274,12 @@ def _load_npy(spec: DatasetSpec) -> Splits:
     if array.dtype == np.uint8:
         images, levels = _uint8_to_unit(array), UINT8_LEVELS
     elif np.issubdtype(array.dtype, np.floating):
-        low, high = float(array.min()), float(array.max())
+        images = _as_float32(array, path)  # quantization unknown: treated as continuous
+        low, high = float(images.min()), float(images.max())
         if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
             raise DatasetError(
                 f"data.path: {path} float images span [{low:.3g}, {high:.3g}] — expected [-1, 1] or uint8"
             )
-        images = array.astype(np.float32)  # quantization unknown: treated as continuous
     else:
         raise DatasetError(
             f"data.path: {path} has dtype {array.dtype} — images must be uint8 0..255 or floats in [-1, 1]"
@@ -218,17 +287,36 @@ def _load_npy(spec: DatasetSpec) -> Splits:
     return replace(_split(images, spec, "images"), levels=levels)
 
 
-def _image_mode(file: Path) -> str:
-    from PIL import Image
+def _open_image(file: Path, decode: bool = True):
+    """An open PIL image (decoded now when `decode`, so a truncated file fails here), or a
+    DatasetError naming the file that cannot be read."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(file) as img:
+    img = None
+    try:
+        img = Image.open(file)
+        if decode:
+            img.load()
+        return img
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if img is not None:
+            img.close()
+        if isinstance(err, UnidentifiedImageError):
+            reason = "not an image format Pillow recognizes, or a damaged header"
+        else:
+            reason = " ".join(str(err).split()) or type(err).__name__
+        raise DatasetError(f"data.path: {file} cannot be decoded as an image ({reason})") from None
+
+
+def _image_mode(file: Path) -> str:
+    with _open_image(file, decode=False) as img:
         return img.mode
 
 
 def _read_image(file: Path, mode: str, size: int | None) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(file) as img:
+    with _open_image(file) as img:
         img = img.convert(mode)
         if size is not None:
             img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -244,7 +332,7 @@ def _load_image_folder(spec: DatasetSpec) -> Splits:
     if not files:
         raise DatasetError(f"data.path: {folder} holds no .png/.jpg/.jpeg images")
     if spec.channels not in (None, 1, 3):
-        raise DatasetError(f"dataset.channels: {spec.channels} — expected 1 or 3")
+        raise DatasetError(f"data.channels: {spec.channels} — expected 1 or 3")
     if spec.channels is None:
         mode = "L" if all(_image_mode(f) in ("1", "L", "LA") for f in files) else "RGB"
     else:
@@ -264,6 +352,40 @@ def _load_image_folder(spec: DatasetSpec) -> Splits:
 # --------------------------------------------------------------------------- torchvision
 
 
+TORCHVISION_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def _torchvision_missing(spec: DatasetSpec, problem: str, hint: str | None = None) -> DatasetError:
+    root = _require_path(spec)
+    if spec.name == "mnist":
+        where = f"{root}/MNIST/raw (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*)"
+    else:
+        where = f"{root}/cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta with the official md5 sums)"
+    hint = hint or "`download: true` fetches them but needs internet"
+    return DatasetError(f"dataset {spec.name}: {problem} in {where} — {hint}")
+
+
+def torchvision_files(spec: DatasetSpec) -> list[Path]:
+    """The files torchvision reads for an MNIST / CIFAR-10 spec (the loaders check their md5 sums)."""
+    from torchvision import datasets
+
+    root = _require_path(spec)
+    if spec.name == "mnist":
+        return [root / "MNIST" / "raw" / Path(name).stem for name, _ in datasets.MNIST.resources]
+    cifar = datasets.CIFAR10
+    names = [name for name, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]]
+    return [root / cifar.base_folder / name for name in names]
+
+
+def check_torchvision_files(spec: DatasetSpec) -> tuple[int, ...]:
+    """The item shape of a torchvision dataset, after checking its files are there (or will be
+    downloaded), without reading them."""
+    missing = [f for f in torchvision_files(spec) if not f.is_file()]
+    if missing and not spec.download:
+        raise _torchvision_missing(spec, f"{missing[0].name} not found")
+    return TORCHVISION_SHAPES[spec.name]
+
+
 def _torchvision_arrays(spec: DatasetSpec, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Official split as uint8 (N, C, H, W) and int64 labels, through torchvision's own readers.
 
@@ -273,21 +395,12 @@ def _torchvision_arrays(spec: DatasetSpec, train: bool) -> tuple[np.ndarray, np.
     """
     from torchvision import datasets
 
-    root = _require_path(spec)
-    if spec.name == "mnist":
-        where = f"{root}/MNIST/raw (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*)"
-        factory = datasets.MNIST
-    else:
-        where = f"{root}/cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta with the official md5 sums)"
-        factory = datasets.CIFAR10
+    factory = datasets.MNIST if spec.name == "mnist" else datasets.CIFAR10
     try:
-        dataset = factory(root=str(root), train=train, download=spec.download)
+        dataset = factory(root=str(_require_path(spec)), train=train, download=spec.download)
     except (RuntimeError, OSError) as err:
-        if spec.download:
-            hint = f"the download failed: {' '.join(str(err).split())}"
-        else:
-            hint = "`download: true` fetches them but needs internet"
-        raise DatasetError(f"dataset {spec.name}: files not found or corrupted in {where} — {hint}") from err
+        failed = f"the download failed: {' '.join(str(err).split())}" if spec.download else None
+        raise _torchvision_missing(spec, "files not found or corrupted", failed) from err
     data = np.asarray(dataset.data, dtype=np.uint8)
     images = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
     return images, np.asarray(dataset.targets, dtype=np.int64)

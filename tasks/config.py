@@ -18,14 +18,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator,
+                      model_validator)
 
 from models.checkpoint import ModelSpec
 from models.couplings import COUPLINGS
-from models.data import DATASETS
+from models.data import DATASETS, DatasetSpec
 from models.likelihoods import get_likelihood
 from models.networks import NETWORKS
 from models.parameterization import PARAMETERIZATIONS
@@ -44,8 +45,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"got {value!r}; expected a number, not a boolean")
+    return value
+
+
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+Float = Annotated[float, BeforeValidator(_not_bool)]  # YAML's 1e-3 is a string: floats stay lax otherwise
+PositiveFloat = Annotated[Float, Field(gt=0)]
+MAX_SEED = 2**32 - 1  # what every seeded library (numpy, torch, scikit-learn) accepts
+
+
+def _safe_name(value: str) -> str:
+    """A name that is also a folder name and an MLflow registered-model name."""
+    if not value or not all(c.isalnum() or c in "-_." for c in value) or set(value) <= {"."}:
+        raise ValueError(f"'{value}' must be letters, digits, '-', '_' or '.' (not only dots)")
+    return value
 
 
 class _DatasetFields(Strict):
@@ -54,7 +70,7 @@ class _DatasetFields(Strict):
     path: str | None = None
     image_size: PositiveInt | None = None
     channels: Literal[1, 3] | None = None
-    download: bool = False
+    download: StrictBool = False
 
     @model_validator(mode="after")
     def _path_when_needed(self):
@@ -65,6 +81,13 @@ class _DatasetFields(Strict):
 
 class DataConfig(_DatasetFields):
     name: Literal[DATASETS]  # type: ignore[valid-type]
+
+    def spec(self, seed: int) -> DatasetSpec:
+        """What `models.data` loads for this section (a path made absolute: it names the version)."""
+        fields = self.model_dump()
+        if fields.get("path"):
+            fields["path"] = str(Path(fields["path"]).expanduser().resolve())
+        return DatasetSpec(**fields, seed=seed)
 
 
 class SourceConfig(_DatasetFields):
@@ -108,8 +131,8 @@ class DDPMPath(_Path):
     scheduler: Literal["ddpm"] = "ddpm"
     beta_schedule: Literal[BETA_SCHEDULES] = "linear"  # type: ignore[valid-type]
     timesteps: PositiveInt = 1000
-    beta_start: Annotated[float, Field(gt=0, lt=1)] = 1e-4
-    beta_end: Annotated[float, Field(gt=0, lt=1)] = 0.02
+    beta_start: Annotated[Float, Field(gt=0, lt=1)] = 1e-4
+    beta_end: Annotated[Float, Field(gt=0, lt=1)] = 0.02
 
 
 AnyPath = Annotated[Union[CondOTPath, VPPath, VEPath, DDPMPath], Field(discriminator="scheduler")]
@@ -133,13 +156,13 @@ class TrainConfig(Strict):
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 256
     lr: PositiveFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     warmup_steps: Annotated[int, Field(ge=0, strict=True)] = 0
     lr_schedule: Literal[LR_SCHEDULES] = "constant"  # type: ignore[valid-type]
     grad_clip: PositiveFloat | None = 1.0
-    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    ema_decay: Annotated[Float, Field(ge=0, lt=1)] = 0.999
     num_workers: Annotated[int, Field(ge=0, strict=True)] = 2
-    use_gpu: bool = False  # one GPU per Ray Train worker (NCCL); the paper scale sets it
+    use_gpu: StrictBool = False  # one GPU per Ray Train worker (NCCL); the paper scale sets it
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
 
@@ -188,10 +211,32 @@ class EvaluateConfig(Strict):
 
 
 class RegisterConfig(Strict):
+    """Where a run is recorded in MLflow; names are checked against MLflow's rules up front."""
+
     model_name: str | None = None
-    experiment: str = "gendag"
+    experiment: Annotated[str, Field(min_length=1, max_length=500)] = "gendag"  # MLflow's limits
     alias: str = "challenger"
     champion_alias: str = "champion"
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        return None if v is None else _safe_name(v)
+
+    @field_validator("alias", "champion_alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w-]{1,255}", v):
+            raise ValueError(f"'{v}' must be 1 to 255 letters, digits, '_' or '-' (MLflow's alias rule)")
+        if v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+            raise ValueError(f"'{v}' is reserved by MLflow ('latest' and v<number> name versions)")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self):
+        if self.alias == self.champion_alias:
+            raise ValueError(f"registry: alias and champion_alias are both '{self.alias}'; they must differ")
+        return self
 
 
 # --------------------------------------------------------------------------- one schema per graph
@@ -203,7 +248,7 @@ class RunConfig(Strict):
 
     graph: str
     name: str
-    seed: Annotated[int, Field(ge=0, strict=True)] = 0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)] = 0
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -216,10 +261,8 @@ class RunConfig(Strict):
 
     @field_validator("name")
     @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v) or set(v) <= {"."}:
-            raise ValueError(f"'{v}' must be letters, digits, '-', '_' or '.'")
-        return v
+    def _name(cls, v: str) -> str:
+        return _safe_name(v)
 
     @model_validator(mode="after")
     def _method_fits(self):
@@ -456,7 +499,17 @@ def validate(tree: dict, origin: str, overrides: list[str] = ()) -> RunConfig:
     try:
         return schema.model_validate(tree)
     except ValidationError as e:
-        message = _format_error(e, schema)
-        key = message.split(":")[0]
-        blamed = [o for o in overrides if key.startswith(o.split("=", 1)[0].strip())]
-        raise ConfigError(f"--set {blamed[-1]!r}: {message}" if blamed else f"{origin}: {message}") from None
+        raise blame(_format_error(e, schema), origin, overrides) from None
+
+
+def blame(message: str, origin: str, overrides: Sequence[str] = ()) -> ConfigError:
+    """A one-line error about the key `message` starts with, naming where that key was set: the
+    last `--set` of it (or of a section holding it, or of a key inside it), else `origin`."""
+    key = message.split(":")[0]
+
+    def sets_it(item: str) -> bool:
+        dotted = item.split("=", 1)[0].strip()
+        return bool(dotted) and (key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."))
+
+    blamed = [item for item in overrides if sets_it(item)]
+    return ConfigError(f"--set {blamed[-1]!r}: {message}" if blamed else f"{origin}: {message}")

@@ -70,13 +70,6 @@ def publish(partial: Path, final: Path) -> str:
     return track(final)
 
 
-def dataset_spec(data: DataConfig, seed: int) -> DatasetSpec:
-    fields = data.model_dump()
-    if fields.get("path"):
-        fields["path"] = str(Path(fields["path"]).expanduser().resolve())
-    return DatasetSpec(**fields, seed=seed)
-
-
 def spec_hash(spec: DatasetSpec) -> str:
     """A dataset version's name: every field of its spec (a plain dataclass, so its repr)."""
     return short_hash(repr(spec))
@@ -90,7 +83,7 @@ def dataset_folder(spec: DatasetSpec) -> Path:
 @task(name="version-dataset", cache_policy=NO_CACHE)
 def version_dataset(data: DataConfig, seed: int) -> Ref:
     """Materialize a dataset with fixed seed and splits under data/, tracked by DVC."""
-    spec = dataset_spec(data, seed)
+    spec = data.spec(seed)
     folder = dataset_folder(spec)
     digest = tracked_hash(folder)
     if digest is None:
