@@ -78,6 +78,7 @@ def _run_flows(make_flow, runs: list[tuple], *extra) -> None:
     """Boot the services while the flow (and torch) are imported, then run each (cfg, folder)."""
     from models.data import DatasetError
     from tasks.config import ConfigError
+    from tasks.infra import RunError
 
     configure_environment()
     from tasks.runtime import start_services
@@ -87,7 +88,7 @@ def _run_flows(make_flow, runs: list[tuple], *extra) -> None:
     for cfg, folder in runs:
         try:
             summary = graph_flow(cfg, folder, *extra)
-        except (ConfigError, DatasetError, FileNotFoundError) as e:
+        except (ConfigError, DatasetError, FileNotFoundError, RunError) as e:
             fail(str(e).splitlines()[0] if str(e) else repr(e))
         print_summary(summary, folder)
 

@@ -19,7 +19,11 @@ def reference_set(test: np.ndarray, kind: str, n_reference: int | None = None) -
 
 
 def _as_float64_points(points: np.ndarray) -> np.ndarray:
+    """Points as float64 rows; NaN or infinite coordinates are refused (exact OT would read a NaN
+    cloud as at distance 0 from anything)."""
     array = np.asarray(points, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{int(array.size - np.isfinite(array).sum())} of {array.size} coordinates are not finite")
     return array.reshape(len(array), -1)
 
 

@@ -14,6 +14,7 @@ The workspace is `GENDAG_HOME` (default: the current directory).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import asdict, dataclass
@@ -32,6 +33,42 @@ QUIET_ENV = {
     "TQDM_DISABLE": "1",
     "PYTHONWARNINGS": "ignore",
 }
+
+
+class RunError(RuntimeError):
+    """A run that cannot finish for a reason the user has to act on (a full disk, an unavailable
+    store, a training worker that kept failing, non-finite numbers), phrased as one line."""
+
+
+class NonFiniteError(RunError):
+    """A NaN or an infinity where a number must be finite: a training loss, a sample, a score.
+    Such a number is an error, never a result."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (or its type's name)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def require_finite(values: dict[str, float], what: str) -> None:
+    """Raise `NonFiniteError` naming the first of `values` (name -> number) that is NaN or infinite."""
+    import math
+
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise NonFiniteError(f"{what}: {bad[0]} = {values[bad[0]]}{more}; a non-finite number is never a result")
+
+
+# Errors of a write that found no room: no space, over quota, over the file size limit.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full_error(error: OSError) -> RunError:
+    """A write that found no room, as one line naming the file."""
+    where = f" writing {error.filename}" if error.filename else ""
+    return RunError(f"no room on disk{where} ({error.strerror}); finished work is kept and partial files "
+                    "are never used: free some space and run the same command again")
 
 
 def home() -> Path:

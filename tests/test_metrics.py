@@ -69,3 +69,14 @@ def test_scoring_blocks_and_summary():
     for bad in (np.zeros((25, 1)), np.zeros((40, 1)), np.zeros((5, 1))):  # partial set, too many, too few
         with pytest.raises(ValueError, match="expected 1 to 3 whole sets of 10"):
             scoring_blocks(real, {"x": bad}, n=10, sets=3, seed=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_points_are_refused_not_scored(bad: float) -> None:
+    """A NaN cloud once read as W2 = 0 (exact OT on a NaN cost matrix)."""
+    x = np.random.default_rng(3).standard_normal((40, 2))
+    y = x.copy()
+    y[7, 1] = bad
+    for score in (wasserstein2, mmd_rbf):
+        with pytest.raises(ValueError, match="1 of 80 coordinates are not finite"):
+            score(y, x)
