@@ -1,4 +1,8 @@
-"""`gendag`: run a task graph from a config, re-sample a registered model, list what exists."""
+"""`gendag`: run a task graph from a config, re-sample a registered model, list what exists.
+
+A user error (a config, a data file, an output folder, a resource request the machine cannot
+meet) is one line on stderr and exit code 2, found before any service starts and before
+anything is written (`tasks.preflight`)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.infra import configure_environment
@@ -21,7 +26,7 @@ errors = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(' '.join(message.splitlines()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -54,6 +59,7 @@ def run(
     Several configs run one after another in one process (one Prefect server, one Ray), all validated first."""
     from flows.graphs import GRAPHS
     from tasks.config import ConfigError, load_config
+    from tasks.preflight import preflight
 
     if graph not in GRAPHS:
         fail(f"graph {graph!r}: expected one of {', '.join(GRAPHS)}")
@@ -66,12 +72,17 @@ def run(
             fail(str(e))  # it names the file
         if cfg.graph != graph:
             fail(f"{path}: graph: got {cfg.graph!r}; this command runs {graph!r} (use `gendag run {cfg.graph}`)")
-        runs.append((cfg, _run_folder(out, path, cfg, scale, several)))
-    folders = [folder for _, folder in runs]
+        runs.append((cfg, _run_folder(out, path, cfg, scale, several), path))
+    folders = [folder for _, folder, _ in runs]
     clashes = sorted({str(folder) for folder in folders if folders.count(folder) > 1})
     if clashes:
         fail(f"--config: two configs would write to the same folder {clashes[0]}")
-    _run_flows(GRAPHS[graph].flow, [(cfg, folder.resolve()) for cfg, folder in runs])
+    for cfg, folder, path in runs:
+        try:
+            preflight(cfg, folder, str(path), set_)
+        except ConfigError as e:
+            fail(str(e))
+    _run_flows(GRAPHS[graph].flow, [(cfg, folder.resolve()) for cfg, folder, _ in runs])
 
 
 def _run_flows(make_flow, runs: list[tuple], *extra) -> None:
@@ -116,15 +127,8 @@ def sample(
     import yaml
 
     from tasks.config import ConfigError, apply_overrides, validate
+    from tasks.preflight import preflight, require_registry
 
-    configure_environment()
-    quiet_logs()
-    from tasks.registry import RegistryError, fetch_model_version
-
-    try:
-        version, model_dir, tree = fetch_model_version(model)
-    except RegistryError as e:
-        fail(str(e))
     overrides = list(set_)
     if sampler:
         entries = []
@@ -134,12 +138,23 @@ def sample(
             except yaml.YAMLError as e:
                 fail(f"--sampler {item!r}: not valid YAML ({str(e).splitlines()[0]})")
         overrides.insert(0, f"sample.samplers={yaml.safe_dump(entries, default_flow_style=True).strip()}")
+    configure_environment()
+    quiet_logs()
+    from tasks.registry import RegistryError, fetch_model_version
+
+    try:
+        require_registry(model)
+        version, model_dir, tree = fetch_model_version(model)
+    except (ConfigError, RegistryError) as e:
+        fail(str(e))
+    origin = f"{model} (its logged config)"
+    folder = (out or Path("runs") / f"{version['name']}-v{version['version']}-sample").resolve()
     try:
         apply_overrides(tree, overrides)
-        cfg = validate(tree, f"{model} (its logged config)", overrides)
+        cfg = validate(tree, origin, overrides)
+        preflight(cfg, folder, origin, overrides, model_dir=model_dir)
     except ConfigError as e:
         fail(str(e))
-    folder = (out or Path("runs") / f"{version['name']}-v{version['version']}-sample").resolve()
 
     from tasks.infra import Ref, folder_digest
 

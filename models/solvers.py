@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from models.paths import time_batch
 from models.samplers import Param, register_sampler
@@ -111,6 +110,8 @@ def _solve_fixed(
 def _solve_adaptive(
     f: _Counted, x: Tensor, t0: float, t1: float, atol: float, rtol: float, points: int
 ) -> tuple[Tensor, list[Tensor]]:
+    from torchdiffeq import odeint  # it imports SciPy (a second): only where dopri5 runs
+
     times = torch.linspace(t0, t1, points, dtype=x.dtype, device=x.device)
     path = odeint(lambda t, y: f(y, t), x, times, method="dopri5", atol=atol, rtol=rtol)
     return path[-1], list(path)
@@ -200,6 +201,8 @@ def dopri5(model, x: Tensor, grid: Tensor, generator=None, callback=None, atol: 
            rtol: float = 1e-5) -> Tensor:
     """Probability-flow / flow ODE, adaptive Dormand-Prince 5(4) (torchdiffeq), to the scheduler's
     ``ode_end`` (then a jump to the predicted data if that is before t = 1); reports at ``grid``."""
+    from torchdiffeq import odeint
+
     velocity = _velocity(model)
     end = min(model.scheduler.ode_end, 1.0)
     times = grid.clone()

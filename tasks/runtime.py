@@ -1,9 +1,13 @@
-"""One Ray instance per process: local and sized to the machine, or `RAY_ADDRESS`."""
+"""The services of one process: Ray (local and sized to the machine, or `RAY_ADDRESS`) and the
+embedded Prefect server, started side by side; what they leave behind is cleaned up at exit."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
+from pathlib import Path
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -19,7 +23,10 @@ def ensure_ray() -> None:
         ray.init(namespace="gendag", log_to_driver=False)
         return
     # A short temp dir: Ray's unix sockets live under it and paths are length-limited.
-    tmp = os.environ.get("GENDAG_RAY_TMP") or tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    tmp = os.environ.get("GENDAG_RAY_TMP")
+    if not tmp:
+        tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        atexit.register(_remove_ray_tmp, tmp)  # runs after Ray's own exit handler (registered later)
     ray.init(
         num_cpus=os.cpu_count(),
         include_dashboard=False,
@@ -29,6 +36,38 @@ def ensure_ray() -> None:
         configure_logging=True,
         logging_level="ERROR",
     )
+
+
+def _remove_ray_tmp(tmp: str) -> None:
+    """Stop Ray (its processes write under `tmp` until then) and remove the folder we created."""
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Loggers of the embedded Prefect server that report its own shutdown: Prefect stops the server
+# at exit (SIGTERM) while it may still be writing the run's last task-run events, and the
+# cancelled database calls log a CancelledError traceback (PrefectHQ/prefect#16504); the
+# recorder keeps and retries those events, so nothing is lost but the traceback lands on our
+# terminal after a successful run.
+SERVER_SHUTDOWN_LOGGERS = ("sqlalchemy.pool", "prefect.server.services.task_run_recorder")
+
+
+def quiet_server_shutdown() -> None:
+    """Give the embedded server Prefect's default logging config with SERVER_SHUTDOWN_LOGGERS at
+    CRITICAL (PREFECT_LOGGING_SETTINGS_PATH, a file under PREFECT_HOME, read by the server process
+    when it starts). A logging config the user set wins."""
+    if os.environ.get("PREFECT_LOGGING_SETTINGS_PATH"):
+        return
+    import yaml
+    from prefect.logging.configuration import DEFAULT_LOGGING_SETTINGS_PATH
+
+    config = yaml.safe_load(DEFAULT_LOGGING_SETTINGS_PATH.read_text())
+    config["loggers"].update({name: {"level": "CRITICAL"} for name in SERVER_SHUTDOWN_LOGGERS})
+    path = Path(os.environ["PREFECT_HOME"]) / "server-logging.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = str(path)
 
 
 def start_services(meanwhile: Callable[[], T]) -> T:
@@ -43,6 +82,8 @@ def start_services(meanwhile: Callable[[], T]) -> T:
     prefect_boot = None
     if not PREFECT_API_URL.value():
         from prefect.server.api.server import SubprocessASGIServer
+
+        quiet_server_shutdown()
 
         def boot() -> None:
             try:
