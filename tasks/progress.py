@@ -1,7 +1,9 @@
 """Progress of work running in Ray workers, shown as a rich progress bar in the driver.
 
 Workers push (step, total, loss, rate) to a small named actor; the driver polls it
-while it waits. This works the same on a local Ray and on a cluster.
+while it waits. This works the same on a local Ray and on a cluster. A worker that stops
+the work on purpose (a non-finite loss) leaves its reason there too (`halt`), for the
+driver to read once the workers have returned.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import threading
 
 import ray
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -17,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class _Board:
     def __init__(self) -> None:
         self.state: dict = {}
+        self.reason: str | None = None
 
     def update(self, step: int, total: int, loss: float, rate: float) -> None:
         self.state = {"step": step, "total": total, "loss": loss, "rate": rate}
@@ -24,13 +28,20 @@ class _Board:
     def read(self) -> dict:
         return self.state
 
+    def halt(self, reason: str) -> None:
+        """Why the work stopped early; the first reason given is kept."""
+        self.reason = self.reason or reason
+
+    def halted(self) -> str | None:
+        return self.reason
+
 
 class ProgressBoard:
     """Handle to the named progress actor of one run."""
 
     def __init__(self, name: str, actor) -> None:
         self.name, self.actor = name, actor
-        self.update = actor.update
+        self.update, self.halt = actor.update, actor.halt
 
     @classmethod
     def create(cls, run: str) -> "ProgressBoard":
@@ -45,6 +56,11 @@ class ProgressBoard:
             return cls(name, ray.get_actor(name))
         except ValueError:
             return None
+
+
+def note(message: str) -> None:
+    """One line for the person running gendag (e.g. what a rerun kept from an interrupted run)."""
+    Console(highlight=False, soft_wrap=True).print(message)
 
 
 def progress_bar() -> Progress:

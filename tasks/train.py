@@ -4,22 +4,38 @@ Checkpoints (safetensors weights + EMA, optimizer state, step, loss history) are
 reported every `checkpoint_every` steps into Ray storage under a run name derived
 from the config and data hashes; a rerun of the same run resumes from the latest
 one. A finished run is copied to `<store>/models/<run>/` and never trained again.
+
+Guarantees:
+- a worker that dies (killed, out of memory, its node lost) costs a restart, not the run:
+  Ray Train restarts the worker group from the latest checkpoint, up to `max_failures`
+  times, and since batches are a function of (seed, rank, step) the model ends bit-identical
+  to an uninterrupted run;
+- only a model that trained all its steps is kept: a non-finite loss (or weights) stops
+  training at once with a `NonFiniteError` naming the step and the last good checkpoint,
+  and a failure that outlasts the retries is a one-line `RunError`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
+
+import ray
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig
-from tasks.infra import Ref, folder_digest, short_hash, store
+from tasks.infra import NonFiniteError, Ref, RunError, first_line, folder_digest, short_hash, store
 from tasks.progress import ProgressBoard, track_progress
 from tasks.runtime import ensure_ray
 from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
+
+# Restarts of the worker group after a worker failure (each resumes from the latest checkpoint).
+# A `train.max_failures` config key will set it per run once the schema has one.
+MAX_FAILURES = 3
 
 
 def run_name(cfg: RunConfig, data: Ref, source: Ref | None, inputs: dict[str, Ref] | None = None) -> str:
@@ -51,10 +67,11 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
     folder = store() / "models" / name
     if not (folder / STATE_FILE).exists():
         ensure_ray()
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig, TrainingFailedError
         from ray.train.torch import TorchConfig, TorchTrainer
 
         board = ProgressBoard.create(name)
+        max_failures = getattr(cfg.train, "max_failures", MAX_FAILURES)
         loop_config = {
             "run": cfg.model_dump(mode="json"),
             "data": data.uri,
@@ -71,13 +88,30 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
                 name=name,
                 storage_path=str(store() / "ray"),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=0),
+                failure_config=FailureConfig(max_failures=max_failures),
             ),
         )
         with track_progress(board.actor, f"train {cfg.name}", cfg.train.steps):
-            result = trainer.fit()
-        if result.error:
-            raise result.error
-        with result.checkpoint.as_directory() as d:
+            try:
+                result = trainer.fit()
+            except TrainingFailedError as e:
+                raise RunError(f"train {cfg.name}: {_first_failure(e)} (after {max_failures} restarts)") from e
+            halted = ray.get(board.actor.halted.remote())
+        checkpoint = result.checkpoint
+        with checkpoint.as_directory() if checkpoint else nullcontext() as d:
+            step = json.loads((Path(d) / STATE_FILE).read_text())["step"] if d else 0
+            last = f"step {step} ({checkpoint.path})" if checkpoint else "none (no checkpoint was written yet)"
+            if halted:
+                raise NonFiniteError(f"train {cfg.name}: {halted}; training stopped; last good checkpoint: {last}")
+            if step != cfg.train.steps:
+                raise RunError(f"train {cfg.name}: the workers stopped at step {step} of {cfg.train.steps}; "
+                               f"last good checkpoint: {last}")
             finalize(Path(d), folder)
     return Ref("model", str(folder), folder_digest(folder), cfg.digest())
+
+
+def _first_failure(error) -> str:
+    """One line for a Ray Train failure: the first failed worker's error (or the controller's)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    rank, cause = min(failures.items(), key=lambda item: item[0]) if failures else ("controller", error)
+    return f"worker {rank}: {first_line(cause)}"

@@ -4,6 +4,13 @@ The loop knows no method: it builds the model from the config's `ModelSpec`, the
 objective from its registry name (`models.objectives`), and runs DDP, resume, checkpoints
 and progress. Kept apart from the Prefect task in `tasks/train.py` so that workers import
 only torch, Ray and the models (not Prefect): they start faster.
+
+A non-finite number never reaches a checkpoint: every step, all ranks agree whether some
+rank's loss was NaN or infinite, and before each checkpoint they check the weights (equal on
+every rank). Either stops every rank at the same step, without a checkpoint: the worker leaves
+the reason on the progress board and returns (raising would make Ray Train retry a
+deterministic failure), and the driver (`tasks/train.py`) reports it with the last good
+checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from models.checkpoint import load_model, save_model, save_weights
@@ -37,6 +45,7 @@ def _load_array(folder: str, split: str = "train") -> torch.Tensor:
 
 def train_worker(config: dict) -> None:
     """The per-worker loop run by Ray Train (also callable in-process with num_workers=0)."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -85,15 +94,37 @@ def train_worker(config: dict) -> None:
         lr = scheduled_lr(batch.step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps, cfg.train.lr_schedule)
         running.append(optimizer_step(loss, model, optimizer, ema, lr, cfg.train.grad_clip))
         objective.after_step()
+        checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+        stop, reason = _non_finite(running[-1], step, rank, world, model if checkpoint_due else None)
+        if stop:
+            if reason and board:
+                ray.get(board.halt.remote(reason), timeout=30)
+            return
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             state["losses"].append([step, float(np.mean(running))])
             running = []
             if rank == 0 and board:
                 rate = (step - start) / (time.perf_counter() - t_start)
                 board.update.remote(step, cfg.train.steps, state["losses"][-1][1], rate)
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        if checkpoint_due:
             state["step"] = step
             _report(step, state, model, ema, optimizer, spec, rank, objective.modules())
+
+
+def _non_finite(loss: float, step: int, rank: int, world: int, model: torch.nn.Module | None) -> tuple[bool, str]:
+    """(stop, why): the same `stop` on every rank. Training stops when any rank's loss is not
+    finite (one all-reduce of a flag), or, when `model` is given (a checkpoint is due), when its
+    weights are not (they are equal on every rank). `why` is empty on a rank that only learnt it
+    from another one."""
+    why = "" if np.isfinite(loss) else f"the training loss is {loss} at step {step} (rank {rank})"
+    bad = torch.tensor([float(bool(why))])
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        return True, why
+    if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        return True, f"the weights are not finite after step {step}" if rank == 0 else ""
+    return False, ""
 
 
 def _report(step, state, model, ema, optimizer, spec, rank, extra) -> None:
