@@ -9,6 +9,7 @@ every parameter that changes its output (`models.samplers.Setting`).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ from prefect.cache_policies import NO_CACHE
 from models.sampling import Sampler, sample_count, shards
 from models.samplers import Setting
 from tasks.config import RunConfig
-from tasks.infra import Ref, file_digest, short_hash, store
-from tasks.progress import progress_bar
+from tasks.infra import NonFiniteError, Ref, file_digest, short_hash, store
+from tasks.progress import note, progress_bar
 from tasks.runtime import ensure_ray
 
 
@@ -39,46 +40,97 @@ def sample_folder(cfg: RunConfig, model: Ref) -> Path:
 @task(name="sample", cache_policy=NO_CACHE)
 def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting]) -> dict[str, Ref]:
     """Sample every grid setting with `cfg.sample.num_workers` Ray actors; one .npz per setting
-    holding its sample sets one after another (see `sample_count`)."""
+    holding its sample sets one after another (see `sample_count`).
+
+    Guarantees: a setting's file exists only once all its shards are finished and finite; a
+    shard is kept on disk as soon as it is finished, so a rerun after a crash samples only the
+    missing shards (and says how many it kept); a shard holding a NaN or an infinity stops
+    sampling at once with a `NonFiniteError` naming the setting and the shard."""
     n, sets = cfg.sample.n_samples, cfg.sample.sets
     out_dir = sample_folder(cfg, model)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {s.label: out_dir / f"{s.file_stem}.npz" for s in grid}
-    todo = [s for s in grid if not files[s.label].exists()]
-    if todo:
-        ensure_ray()
-        source_path = str(source.path / "test.npy") if source else None
-        gpus = 1 if cfg.sample.device == "cuda" else 0
-        actors = [
-            SamplerActor.options(num_gpus=gpus).remote(model.uri, cfg.seed, source_path, device=cfg.sample.device)
-            for _ in range(cfg.sample.num_workers)
-        ]
-        jobs = [(s, i, k) for s in todo for i, k in shards(sample_count(s, n, sets), cfg.sample.shard_size)]
-        pool = ray.util.ActorPool(actors)
-        done: dict[str, list[dict]] = {s.label: [] for s in todo}
-        traj = cfg.sample.trajectories
-        with progress_bar() as bar:
-            job = bar.add_task(f"sample {cfg.name}", total=len(jobs), info=f"{len(actors)} Ray workers")
-            for res in pool.map_unordered(
-                lambda a, j: a.run.remote(j[0], j[1], j[2], cfg.seed, traj if j[1] == 0 else 0), jobs
-            ):
-                done[res["label"]].append(res)
-                bar.advance(job)
-        for actor in actors:
-            ray.kill(actor)
-        for setting in todo:
-            _save(sorted(done[setting.label], key=lambda r: r["shard"]), files[setting.label])
+    plan = {s.label: shards(sample_count(s, n, sets), cfg.sample.shard_size) for s in grid}
+    todo = {s.label: ShardFolder(files[s.label], len(plan[s.label])) for s in grid if not files[s.label].exists()}
+    jobs = [(s, i, k) for s in grid if s.label in todo for i, k in plan[s.label] if i not in todo[s.label].finished]
+    if jobs:
+        _run_shards(cfg, model, source, jobs, todo)
+    for shard_folder in todo.values():
+        shard_folder.assemble()
     return {s.label: Ref("samples", str(files[s.label]), file_digest(files[s.label]), model.hash) for s in grid}
 
 
-def _save(results: list[dict], path: Path) -> None:
-    """Concatenate shard results in order; write atomically so a crash leaves no half file."""
-    arrays = {
-        "x": np.concatenate([r["x"] for r in results]),
-        "nfe": np.array([r["nfe"] for r in results], dtype=np.int64),
-    }
-    if results[0]["trajectory"] is not None:
-        arrays["trajectory"] = results[0]["trajectory"]
+def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo: dict[str, "ShardFolder"]) -> None:
+    """Run the missing shards on Ray actors, keeping each one on disk as it arrives."""
+    ensure_ray()
+    source_path = str(source.path / "test.npy") if source else None
+    gpus = 1 if cfg.sample.device == "cuda" else 0
+    actors = [
+        SamplerActor.options(num_gpus=gpus).remote(model.uri, cfg.seed, source_path, device=cfg.sample.device)
+        for _ in range(cfg.sample.num_workers)
+    ]
+    kept = sum(len(f.finished) for f in todo.values())
+    traj = cfg.sample.trajectories
+    try:
+        with progress_bar() as bar:
+            if kept:
+                note(f"sample {cfg.name}: {kept} shards kept from an interrupted run, {len(jobs)} to sample")
+            job = bar.add_task(f"sample {cfg.name}", total=len(jobs) + kept, completed=kept,
+                               info=f"{len(actors)} Ray workers")
+            for res in ray.util.ActorPool(actors).map_unordered(
+                lambda a, j: a.run.remote(j[0], j[1], j[2], cfg.seed, traj if j[1] == 0 else 0), jobs
+            ):
+                bad = int(np.size(res["x"]) - np.isfinite(res["x"]).sum())
+                if bad:
+                    raise NonFiniteError(f"sample {cfg.name}: {res['label']}, shard {res['shard']}: {bad} of "
+                                         f"{np.size(res['x'])} values are not finite (model {model.uri})")
+                todo[res["label"]].save(res)
+                bar.advance(job)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+class ShardFolder:
+    """The finished shards of a setting whose file is not written yet: `<file stem>.shards/<i>.npz`,
+    each written atomically, so a shard on disk is always a whole one. Once every shard is there
+    they are assembled, in order, into the setting's file (atomically), and the folder goes."""
+
+    def __init__(self, file: Path, count: int) -> None:
+        self.file, self.count = file, count
+        self.folder = file.with_name(file.name.removesuffix(".npz") + ".shards")
+        self.finished = {int(p.stem) for p in self.folder.glob("*.npz") if p.stem.isdigit()}  # not *.partial.npz
+
+    def save(self, result: dict) -> None:
+        arrays = {"x": result["x"], "nfe": np.int64(result["nfe"])}
+        if result["trajectory"] is not None:
+            arrays["trajectory"] = result["trajectory"]
+        self.folder.mkdir(exist_ok=True)
+        write_npz(self.folder / f"{result['shard']}.npz", arrays)
+        self.finished.add(result["shard"])
+
+    def assemble(self) -> None:
+        """Concatenate the shards in order into the setting's file; needs every shard."""
+        missing = set(range(self.count)) - self.finished
+        assert not missing, f"{self.file.name}: shards {sorted(missing)} are not finished"
+        parts = []
+        for i in range(self.count):
+            with np.load(self.folder / f"{i}.npz", allow_pickle=False) as f:
+                parts.append({k: f[k] for k in f.files})
+        arrays = {"x": np.concatenate([p["x"] for p in parts]), "nfe": np.array([p["nfe"] for p in parts], dtype=np.int64)}
+        if "trajectory" in parts[0]:
+            arrays["trajectory"] = parts[0]["trajectory"]
+        write_npz(self.file, arrays)
+        shutil.rmtree(self.folder)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `path` whole or not at all: into a `.partial.npz` next to it (removed if the write
+    fails, e.g. on a full disk), then renamed into place."""
     partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, **arrays)
+    try:
+        np.savez(partial, **arrays)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.rename(path)
