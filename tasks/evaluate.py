@@ -5,10 +5,15 @@ own (a small network trained on the training split, versioned with DVC like the
 data), or Inception when a local weights file is configured. Every FID is
 reported next to `fid_floor`: the same protocol applied to real training images,
 i.e. what real data scores with this sample count.
+
+Guarantees: a NaN or an infinity is an error, never a score (samples and data are checked
+before scoring, every metric after); each finished score is kept on disk as soon as it is
+computed (`ScoreStore`), so a rerun after a crash scores only what is missing.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +26,12 @@ from models.metrics import point_scores, reference_set, scoring_blocks, summariz
 from models.samplers import parse_label
 from tasks.config import RunConfig
 from tasks.data import publish, read_dataset, tracked_hash
-from tasks.infra import Ref, file_digest, home, short_hash, store
+from tasks.infra import NonFiniteError, Ref, file_digest, home, require_finite, short_hash, store
+from tasks.progress import note
 
 
 FEATURES_VERSION = 2  # bump when the feature network or its scaling changes: stored extractors are keyed by it
+SCORES_VERSION = 1  # bump when what a score means changes: stored scores are keyed by it
 
 
 def feature_path(cfg: RunConfig, data_hash: str) -> Path:
@@ -67,6 +74,42 @@ def _load_samples(ref: Ref) -> tuple[np.ndarray, np.ndarray]:
         return f["x"], f["nfe"]
 
 
+def _require_finite_array(x: np.ndarray, what: str) -> None:
+    bad = int(x.size - np.isfinite(x).sum())
+    if bad:
+        raise NonFiniteError(f"{what}: {bad} of {x.size} values are not finite; they cannot be scored")
+
+
+class ScoreStore:
+    """Finished scores of one evaluation protocol (data version, reference, feature network):
+    one small JSON file per scored block, sample set or likelihood, written atomically under
+    `<store>/scores/<protocol>/`, named by what was scored (a sample file's content hash and
+    block, a floor subset, a model and estimator). A rerun scores only what is missing."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def get(self, key: str) -> dict | None:
+        path = self.folder / f"{key}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put(self, key: str, scores: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.folder / f"{key}.json.partial"
+        try:
+            partial.write_text(json.dumps(scores))
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.rename(self.folder / f"{key}.json")
+
+
+def score_store(cfg: RunConfig, data: Ref, features: Ref | None, reference: np.ndarray) -> ScoreStore:
+    protocol = short_hash(SCORES_VERSION, data.hash, len(reference), features.hash if features else "",
+                          cfg.evaluate.kid_subset_size)
+    return ScoreStore(store() / "scores" / protocol)
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref | None,
              model: Ref | None = None) -> dict[str, float]:
@@ -79,48 +122,85 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
     With `sample.sets` = K > 1 every value is the mean over K sample sets of `n_samples` (and
     over K random subsets of the training data for the floor); `<metric>_sd@...` is their spread.
     The untrained baseline is one set (`models.sampling.sample_count`).
+
+    A NaN or infinite sample (or data value) raises `NonFiniteError` before anything is scored,
+    and so does a metric that comes out non-finite.
     """
     splits = read_dataset(data)
-    likelihoods = _start_likelihoods(cfg, model, splits) if model is not None else {}
     reference = reference_set(splits.test, splits.kind, cfg.evaluate.n_reference)
+    scores = score_store(cfg, data, features, reference)
+    likelihoods = _start_likelihoods(cfg, model, splits, scores) if model is not None else {}
     sets = cfg.sample.sets
     loaded = {label: _load_samples(ref) for label, ref in samples.items()}  # label -> (x, nfe per shard)
+    for label, (x, _) in loaded.items():
+        _require_finite_array(x, f"evaluate {cfg.name}: samples {label} ({samples[label].path})")
+    _require_finite_array(reference, f"evaluate {cfg.name}: the held-out data ({data.path})")
+    _require_finite_array(splits.train, f"evaluate {cfg.name}: the training data ({data.path})")
     blocks = scoring_blocks(
         splits.train, {label: x for label, (x, _) in loaded.items()}, cfg.sample.n_samples, sets, cfg.seed,
     )
+    keys = {block: _block_key(block, samples, cfg) for block in blocks}
+    missing = {block: x for block, x in blocks.items() if scores.get(keys[block]) is None}
+    if len(missing) < len(blocks):
+        note(f"evaluate {cfg.name}: {len(blocks) - len(missing)} of {len(blocks)} scores kept from an earlier run")
+
+    def keep(block, values: dict) -> None:
+        scores.put(keys[block], values)
+
     if splits.kind == "points":
-        scores = _parallel_point_scores(blocks, reference)
+        _parallel_point_scores(missing, reference, keep)
     else:
-        scores = {key: image_scores(x, reference, features, cfg, data) for key, x in blocks.items()}
-    metrics = summarize_blocks(scores)
+        for block, x in missing.items():
+            keep(block, image_scores(x, reference, features, cfg, data))
+    metrics = summarize_blocks({block: scores.get(key) for block, key in keys.items()})
     for label, (_, nfe) in loaded.items():
         asked = parse_label(label)[1].get("nfe")
         if asked is None or float(asked) != nfe.mean():  # adaptive, or a grid that ends with a jump
             metrics[f"nfe@{label}"] = float(nfe.mean())
-    return metrics | _finish_likelihoods(likelihoods, splits)
+    metrics |= _finish_likelihoods(likelihoods, splits, scores)
+    require_finite(metrics, f"evaluate {cfg.name}")
+    return metrics
 
 
-def _start_likelihoods(cfg: RunConfig, model: Ref, splits) -> dict:
-    """One Ray task per estimator, started before the sample scores so they overlap."""
-    if not cfg.evaluate.likelihood:
-        return {}
-    import ray
-
-    from tasks.runtime import ensure_ray
-
-    ensure_ray()
-    remote = ray.remote(num_cpus=1)(estimate_nll)
-    x = ray.put(splits.test[: cfg.evaluate.likelihood_examples])
-    return {name: remote.remote(model.uri, name, x, splits.levels, cfg.seed) for name in cfg.evaluate.likelihood}
+def _block_key(block: tuple[str, int], samples: dict[str, Ref], cfg: RunConfig) -> str:
+    """What a block's score is stored under: the floor's subset is fixed by (seed, size, k),
+    a sample block by its file's content and k."""
+    label, k = block
+    what = ("floor", cfg.seed) if label == "floor" else ("samples", samples[label].hash)
+    return short_hash(*what, cfg.sample.n_samples, k)
 
 
-def _finish_likelihoods(futures: dict, splits) -> dict[str, float]:
+def _likelihood_key(cfg: RunConfig, model: Ref, name: str) -> str:
+    return short_hash("likelihood", model.hash, name, cfg.evaluate.likelihood_examples, cfg.seed)
+
+
+def _start_likelihoods(cfg: RunConfig, model: Ref, splits, scores: ScoreStore) -> dict:
+    """One Ray task per estimator not scored yet, started before the sample scores so they
+    overlap; {stored key: a finished result or a Ray future}."""
+    keys = {_likelihood_key(cfg, model, name): name for name in cfg.evaluate.likelihood}
+    todo = {key: name for key, name in keys.items() if scores.get(key) is None}
+    started = {}
+    if todo:
+        import ray
+
+        from tasks.runtime import ensure_ray
+
+        ensure_ray()
+        remote = ray.remote(num_cpus=1)(estimate_nll)
+        x = ray.put(splits.test[: cfg.evaluate.likelihood_examples])
+        started = {key: remote.remote(model.uri, name, x, splits.levels, cfg.seed) for key, name in todo.items()}
+    return {name: (key, started.get(key)) for key, name in keys.items()}
+
+
+def _finish_likelihoods(likelihoods: dict, splits, scores: ScoreStore) -> dict[str, float]:
     import ray
 
     metrics = {}
     dims = int(np.prod(splits.test.shape[1:]))
-    for name, future in futures.items():
-        nll = ray.get(future)
+    for name, (key, future) in likelihoods.items():
+        if future is not None:
+            scores.put(key, ray.get(future))
+        nll = scores.get(key)
         if splits.kind == "images":
             metrics[f"bpd@{name}"], metrics[f"bpd_se@{name}"] = (bits_per_dim(v, dims) for v in (nll["mean"], nll["se"]))
         else:
@@ -128,9 +208,12 @@ def _finish_likelihoods(futures: dict, splits) -> dict[str, float]:
     return metrics
 
 
-def _parallel_point_scores(blocks: dict, reference: np.ndarray) -> dict:
-    """One Ray task per scored block: exact OT is single-threaded and takes seconds each.
-    `point_scores` lives in `models.metrics`, so the workers import no Prefect."""
+def _parallel_point_scores(blocks: dict, reference: np.ndarray, keep) -> None:
+    """One Ray task per scored block: exact OT is single-threaded and takes seconds each; each
+    result is handed to `keep` as soon as it is finished. `point_scores` lives in
+    `models.metrics`, so the workers import no Prefect."""
+    if not blocks:
+        return
     import ray
 
     from tasks.runtime import ensure_ray
@@ -138,5 +221,7 @@ def _parallel_point_scores(blocks: dict, reference: np.ndarray) -> dict:
     ensure_ray()
     remote = ray.remote(num_cpus=1)(point_scores)
     ref = ray.put(reference)
-    futures = {key: remote.remote(x, ref) for key, x in blocks.items()}
-    return {key: ray.get(f) for key, f in futures.items()}
+    pending = {remote.remote(x, ref): block for block, x in blocks.items()}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        keep(pending.pop(done[0]), ray.get(done[0]))
