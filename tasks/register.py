@@ -3,20 +3,33 @@
 The model is stored as safetensors weights + a JSON spec (no pickle); a version
 gets the `challenger` alias, and `champion` when it beats the current champion
 on the primary metric (lower is better) or when there is none yet.
+
+Guarantees (nothing false in the registry):
+- nothing non-finite is logged, registered or promoted: the metrics are checked before the
+  run starts, and a champion whose score is not a number is beaten by any finite one;
+- a run ends FINISHED only once everything is logged, its version is READY and its aliases
+  are moved; whatever fails after it started marks it FAILED (when the store still answers)
+  and reaches the user as one `RunError` line saying what was left behind;
+- aliases move last, only to a READY version whose metrics are logged; when moving one
+  fails, those this run already moved are put back, so no alias points at a version of a
+  failed run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig
-from tasks.infra import Ref, home
+from tasks.infra import Ref, RunError, first_line, home, require_finite
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +53,7 @@ def primary_score(metrics: dict[str, float], kind: str) -> tuple[str, float]:
     name = {"images": "fid", "points": "w2"}[kind]
     scores = {k: v for k, v in metrics.items() if k.startswith(f"{name}@") and "untrained" not in k}
     best = min(scores, key=scores.get)
-    return f"best_{name}", scores[best]
+    return f"best_{name}", scores[best]  # finite: register checks the metrics first
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -53,54 +66,87 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _log_run(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_files: list[Path],
-             tags: dict[str, str], score: tuple[str, float] | None, log_model: bool = True) -> tuple[str, str]:
-    """One MLflow run: params, config, metrics, training loss, report (and model) files;
-    returns (run id, the model folder's artifact URI)."""
-    import mlflow
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What an unavailable or failing tracking store raises (MLflow wraps most of it)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
+    return MlflowException, SQLAlchemyError, OSError, RunError
+
+
+@contextmanager
+def recorded_run(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_files: list[Path],
+                 tags: dict[str, str], log_model: bool = True):
+    """One MLflow run: params, config, metrics, training loss, report (and model) files. Yields
+    (client, run id, the model folder's artifact URI) for the caller to finish the work the run
+    stands for; the run ends FINISHED when that is done, FAILED if anything fails, and a store
+    failure becomes a `RunError` naming the store and the state the run was left in."""
+    from mlflow import MlflowClient, get_tracking_uri
+
+    client, run_id = MlflowClient(), None
+    try:
+        run = client.create_run(_experiment_id(client, cfg.registry.experiment), run_name=cfg.name, tags=tags)
+        run_id = run.info.run_id
+        _log(client, run_id, cfg, model, metrics, report_files, log_model)
+        yield client, run_id, f"{run.info.artifact_uri}/model"
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as e:
+        left = _mark_failed(client, run_id)
+        if isinstance(e, _store_errors()):
+            raise RunError(f"register {cfg.name}: the MLflow store {get_tracking_uri()} failed: "
+                           f"{first_line(e)}; {left}") from e
+        raise
+
+
+def _mark_failed(client, run_id: str | None) -> str:
+    """Mark a started run FAILED (best effort: the store may be the thing that failed)."""
+    if run_id is None:
+        return "no run was recorded"
+    try:
+        client.set_terminated(run_id, "FAILED")
+        return f"run {run_id} is marked FAILED"
+    except Exception:  # noqa: BLE001 - the store is down: say so instead
+        return f"run {run_id} could not be marked FAILED (it stays RUNNING)"
+
+
+def _log(client, run_id: str, cfg: RunConfig, model: Ref, metrics: dict[str, float], report_files: list[Path],
+         log_model: bool) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
     state = model.path / "state.json"
     losses = json.loads(state.read_text())["losses"] if state.exists() else []
-    with mlflow.start_run(run_name=cfg.name, tags=tags) as run:
-        mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
-        mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
-        mlflow.log_metrics({mlflow_metric_name(k): v for k, v in metrics.items()} | dict([score] if score else []))
-        for step, loss in losses:
-            mlflow.log_metric("train_loss", loss, step=step)
-        for file in report_files:
-            mlflow.log_artifact(str(file), artifact_path="report")
-        for file in ("model.safetensors", "model.json") if log_model else ():
-            mlflow.log_artifact(str(model.path / file), artifact_path="model")
-        return run.info.run_id, f"{run.info.artifact_uri}/model"
+    params = [Param(k, v) for k, v in _flatten(cfg.model_dump(mode="json")).items()]
+    values = [Metric(mlflow_metric_name(k), v, now, 0) for k, v in metrics.items()]
+    values += [Metric("train_loss", loss, now, step) for step, loss in losses]
+    for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
+        client.log_batch(run_id, params=params[i:i + 100])
+    for i in range(0, len(values), 1000):
+        client.log_batch(run_id, metrics=values[i:i + 1000])
+    client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
+    for file in report_files:
+        client.log_artifact(run_id, str(file), artifact_path="report")
+    for file in ("model.safetensors", "model.json") if log_model else ():
+        client.log_artifact(run_id, str(model.path / file), artifact_path="model")
 
 
 @task(name="register", cache_policy=NO_CACHE)
 def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str, float],
              report_files: list[Path], lineage: dict[str, str]) -> dict:
-    """Log params, config, metrics, lineage, plots and the model; register a version."""
-
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    _use_experiment(client, cfg.registry.experiment)
+    """Log params, config, metrics, lineage, plots and the model; register a READY version; then,
+    last, move the aliases (`registry.alias`, and `registry.champion_alias` if it wins)."""
+    require_finite(metrics, f"register {cfg.name}")
     score_name, score = primary_score(metrics, kind)
     tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **lineage}
-    run_id, source = _log_run(cfg, model, metrics, report_files, tags, (score_name, score))
-
     name = cfg.model_name
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description=f"gendag {cfg.graph} models")
-    version = client.create_model_version(name, source=source, run_id=run_id, tags={**tags, score_name: str(score)})
-    client.set_registered_model_alias(name, cfg.registry.alias, version.version)
-    aliases = [cfg.registry.alias]
-    if _beats_champion(client, name, cfg.registry.champion_alias, score_name, score):
-        client.set_registered_model_alias(name, cfg.registry.champion_alias, version.version)
-        aliases.append(cfg.registry.champion_alias)
-    return {"run_id": run_id, "name": name, "version": int(version.version), "aliases": aliases,
-            score_name: score}
+    with recorded_run(cfg, model, metrics | {score_name: score}, report_files, tags) as (client, run_id, source):
+        current = dict(_registered_model(client, name, cfg.graph).aliases)  # alias -> version, as found
+        version = _ready_version(client, name, source, run_id, {**tags, score_name: str(score)})
+        aliases = [cfg.registry.alias]
+        if _beats(client, name, current.get(cfg.registry.champion_alias), score_name, score):
+            aliases.append(cfg.registry.champion_alias)
+        _move_aliases(client, name, version, aliases, current)
+    return {"run_id": run_id, "name": name, "version": int(version), "aliases": aliases, score_name: score}
 
 
 @task(name="log-evaluation", cache_policy=NO_CACHE)
@@ -108,32 +154,73 @@ def log_evaluation(cfg: RunConfig, model: Ref, metrics: dict[str, float], report
                    lineage: dict[str, str], version: dict) -> dict:
     """An MLflow run for a new evaluation of a registered model version (no new version, no
     alias moved), tagged with the version it evaluated and its training run."""
-    from mlflow import MlflowClient
-
-    _use_experiment(MlflowClient(), cfg.registry.experiment)
+    require_finite(metrics, f"log-evaluation {cfg.name}")
     tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **lineage,
             "gendag.evaluated_model": f"{version['name']}/{version['version']}",
             "gendag.evaluated_model_run_id": version["run_id"]}
-    run_id, _ = _log_run(cfg, model, metrics, report_files, tags, None, log_model=False)
+    with recorded_run(cfg, model, metrics, report_files, tags, log_model=False) as (_, run_id, _):
+        pass
     return {"run_id": run_id, "name": version["name"], "version": int(version["version"]), "aliases": []}
 
 
-def _beats_champion(client, name: str, alias: str, score_name: str, score: float) -> bool:
-    import mlflow
+def _registered_model(client, name: str, graph: str):
+    """The registered model `name`, created if missing."""
+    from mlflow.exceptions import MlflowException
 
     try:
-        champion = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return client.create_registered_model(name, description=f"gendag {graph} models")
+
+
+def _ready_version(client, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
+    """A new version of `name` for the run's model, once the registry says it is READY."""
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)  # waits for READY
+    if version.status != "READY":
+        raise RunError(f"model version {name}/{version.version} is {version.status}, not READY")
+    return version.version
+
+
+def _beats(client, name: str, champion: str | None, score_name: str, score: float) -> bool:
+    """Whether `score` takes the champion alias: there is no champion, its run has no such score,
+    its score is not a number, or `score` is lower."""
+    if champion is None:
         return True
-    current = client.get_run(champion.run_id).data.metrics.get(score_name)
-    return current is None or score < current
+    current = client.get_run(client.get_model_version(name, champion).run_id).data.metrics.get(score_name)
+    return current is None or not math.isfinite(current) or score < current
 
 
-def _use_experiment(client, name: str) -> None:
-    """Select the experiment; with a local SQLite store, keep artifacts in the workspace."""
+def _move_aliases(client, name: str, version: str, aliases: list[str], previous: dict[str, str]) -> None:
+    """Point every alias at `version`; if one fails, put those already moved back where they were
+    (`previous`: alias -> version), so no alias is left on a version whose run failed."""
+    moved = []
+    try:
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version)
+            moved.append(alias)
+    except Exception as e:
+        stuck = []
+        for alias in moved:
+            try:
+                if alias in previous:
+                    client.set_registered_model_alias(name, alias, previous[alias])
+                else:
+                    client.delete_registered_model_alias(name, alias)
+            except Exception:  # noqa: BLE001 - reported below
+                stuck.append(alias)
+        left = (f"alias {', '.join(stuck)} could not be put back" if stuck
+                else f"version {version} has no alias and no alias moved")
+        raise RunError(f"moving alias '{aliases[len(moved)]}' to {name}/{version} failed: {first_line(e)}; {left}") from e
+
+
+def _experiment_id(client, name: str) -> str:
+    """The experiment's id, created if missing; with a local SQLite store, artifacts go to the workspace."""
     import mlflow
 
-    if client.get_experiment_by_name(name) is None:
-        local = mlflow.get_tracking_uri().startswith("sqlite:")
-        client.create_experiment(name, artifact_location=(home() / "mlartifacts").as_uri() if local else None)
-    mlflow.set_experiment(name)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local = mlflow.get_tracking_uri().startswith("sqlite:")
+    return client.create_experiment(name, artifact_location=(home() / "mlartifacts").as_uri() if local else None)
