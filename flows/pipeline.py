@@ -4,7 +4,8 @@
 
 A graph's body is a short composition of these; `train_and_evaluate` is the standard one
 (flow matching, DDPM, DDIM). `resample` re-samples and re-scores a registered model with
-another sampler grid (`gendag sample`).
+another sampler grid (`gendag sample`). A body runs inside `run_outputs`: its report and
+summary reach the output folder only when all of it succeeded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.summary import lineage, write_summary
+from flows.summary import lineage, run_outputs, write_summary
 from models.sampling import sampling_grid
 from tasks.config import RunConfig
 from tasks.data import read_dataset, version_dataset
@@ -45,26 +46,28 @@ def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs) -> tuple[dic
     return samples, evaluate(cfg, samples, inputs.data, inputs.features, model)
 
 
-def report(cfg: RunConfig, out: Path, model: Ref, inputs: Inputs, samples: dict[str, Ref], metrics: dict):
+def report(cfg: RunConfig, folder: Path, model: Ref, inputs: Inputs, samples: dict[str, Ref], metrics: dict):
     splits = read_dataset(inputs.data)
-    return splits.kind, write_report(out / "report", splits.kind, samples, splits.test, metrics, model)
+    return splits.kind, write_report(folder / "report", splits.kind, samples, splits.test, metrics, model)
 
 
 def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
     """data -> train -> sample (the config's grid) -> evaluate -> report -> register."""
-    inputs = prepare_data(cfg)
-    model = train(cfg, inputs.data, inputs.source)
-    samples, metrics = sample_and_evaluate(cfg, model, inputs)
-    kind, files = report(cfg, out, model, inputs, samples, metrics)
-    registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data))
-    return write_summary(out, cfg, inputs.data, model, metrics, registered)
+    with run_outputs(out) as staging:
+        inputs = prepare_data(cfg)
+        model = train(cfg, inputs.data, inputs.source)
+        samples, metrics = sample_and_evaluate(cfg, model, inputs)
+        kind, files = report(cfg, staging, model, inputs, samples, metrics)
+        registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data))
+        return write_summary(staging, out, cfg, inputs.data, model, metrics, registered)
 
 
 def resample(cfg: RunConfig, out: Path, model: Ref, version: dict) -> dict:
     """A registered model (no training) -> sample (another grid) -> evaluate -> report -> a new
     MLflow run linked to the model version `version` ({name, version, run_id})."""
-    inputs = prepare_data(cfg)
-    samples, metrics = sample_and_evaluate(cfg, model, inputs)
-    _, files = report(cfg, out, model, inputs, samples, metrics)
-    logged = log_evaluation(cfg, model, metrics, files, lineage(cfg, inputs.data), version)
-    return write_summary(out, cfg, inputs.data, model, metrics, logged)
+    with run_outputs(out) as staging:
+        inputs = prepare_data(cfg)
+        samples, metrics = sample_and_evaluate(cfg, model, inputs)
+        _, files = report(cfg, staging, model, inputs, samples, metrics)
+        logged = log_evaluation(cfg, model, metrics, files, lineage(cfg, inputs.data), version)
+        return write_summary(staging, out, cfg, inputs.data, model, metrics, logged)

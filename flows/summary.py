@@ -1,13 +1,16 @@
-"""What a finished run leaves behind for people and scripts: `summary.json`."""
+"""What a finished run leaves behind for people and scripts: `summary.json` and the report,
+and only a finished run (`run_outputs`)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from models.sampling import BASELINE_SETS
 from tasks.config import RunConfig
-from tasks.infra import Ref
+from tasks.infra import DISK_FULL, Ref, disk_full_error
 from tasks.register import git_commit
 from tasks.report import reading_order
 
@@ -28,7 +31,37 @@ def lineage(cfg: RunConfig, data: Ref) -> dict[str, str]:
     }
 
 
-def write_summary(out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dict, registered: dict) -> dict:
+@contextmanager
+def run_outputs(out: Path):
+    """Yield the staging folder a run writes its files to (`.<out name>.partial` next to `out`).
+
+    Guarantees: `out` only ever holds the files of a finished run. When the body succeeds, the
+    staged files are moved into `out`, `summary.json` last (its presence means finished; the
+    old one is removed first); when it fails, the staging folder is removed (and one left by a
+    killed run is removed at the next start). A full disk, anywhere in the run, becomes a
+    one-line `RunError`."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)
+        for item in sorted(staging.iterdir(), key=lambda path: path.name == "summary.json"):
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(e) from e
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dict,
+                  registered: dict) -> dict:
+    """`summary.json` and `config.json` of a run, into its staging folder (see `run_outputs`)."""
     summary = {
         "graph": cfg.graph,
         "name": cfg.name,
@@ -50,7 +83,7 @@ def write_summary(out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dic
         "prefect_flow_run_id": prefect_flow_run_id(),
         "report": str(out / "report"),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
