@@ -138,14 +138,17 @@ def sample(
             except yaml.YAMLError as e:
                 fail(f"--sampler {item!r}: not valid YAML ({str(e).splitlines()[0]})")
         overrides.insert(0, f"sample.samplers={yaml.safe_dump(entries, default_flow_style=True).strip()}")
+    try:
+        require_registry(model)
+    except ConfigError as e:
+        fail(str(e))
     configure_environment()
     quiet_logs()
     from tasks.registry import RegistryError, fetch_model_version
 
     try:
-        require_registry(model)
         version, model_dir, tree = fetch_model_version(model)
-    except (ConfigError, RegistryError) as e:
+    except RegistryError as e:
         fail(str(e))
     origin = f"{model} (its logged config)"
     folder = (out or Path("runs") / f"{version['name']}-v{version['version']}-sample").resolve()

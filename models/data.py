@@ -152,8 +152,8 @@ def _split(
         default_test = max(1, round(0.1 * n))
     n_test = default_test if spec.n_test is None else spec.n_test
     if not 0 < n_test < n:
-        raise DatasetError(f"data.n_test: {n_test} leaves no training data: dataset {spec.name} has {n} items, "
-                           f"so n_test must be between 1 and {n - 1}")
+        raise DatasetError(f"data.n_test: {n_test} must be between 1 and {n - 1}: dataset {spec.name} has {n} items "
+                           "and training needs at least one")
     order = np.random.default_rng(spec.seed).permutation(n)
     test_idx, train_idx = order[:n_test], order[n_test:]
     train_idx = train_idx[: _cap(spec.n_train, len(train_idx))]
@@ -362,7 +362,7 @@ def _torchvision_missing(spec: DatasetSpec, problem: str, hint: str | None = Non
     else:
         where = f"{root}/cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta with the official md5 sums)"
     hint = hint or "`download: true` fetches them but needs internet"
-    return DatasetError(f"dataset {spec.name}: {problem} in {where} — {hint}")
+    return DatasetError(f"data.path: {spec.name} {problem} in {where} — {hint}")
 
 
 def torchvision_files(spec: DatasetSpec) -> list[Path]:
@@ -382,7 +382,7 @@ def check_torchvision_files(spec: DatasetSpec) -> tuple[int, ...]:
     downloaded), without reading them."""
     missing = [f for f in torchvision_files(spec) if not f.is_file()]
     if missing and not spec.download:
-        raise _torchvision_missing(spec, f"{missing[0].name} not found")
+        raise _torchvision_missing(spec, f"file {missing[0].name} not found")
     return TORCHVISION_SHAPES[spec.name]
 
 

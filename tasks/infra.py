@@ -81,13 +81,18 @@ def store() -> Path:
     return home() / ".gendag"
 
 
+def tracking_uri() -> str:
+    """MLflow's store: MLFLOW_TRACKING_URI, else the workspace's SQLite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
 def configure_environment() -> None:
     """Set embedded defaults before Prefect/Ray/MLflow are imported; user settings win."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(store() / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{home() / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

@@ -79,7 +79,9 @@ def preflight(cfg: RunConfig, out: Path, origin: str, overrides: Sequence[str] =
 def require_registry(reference: str) -> None:
     """`gendag sample` reads a registry: refuse a local (SQLite) one that does not exist yet
     instead of creating an empty one."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    from tasks.infra import tracking_uri
+
+    uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"{reference}: no MLflow registry here ({uri} does not exist); "
                           "`gendag run` registers models, or set MLFLOW_TRACKING_URI")
@@ -163,11 +165,11 @@ def _check_network(cfg: RunConfig, shape: tuple[int, ...]) -> int:
     kind, kwargs = cfg.model.network, dict(cfg.model.kwargs)
     what = f"network '{kind}'"
     with torch.device("meta"):  # the network alone: its scheduler was built when the config was read
-        net = _build("model.kwargs", what, kwargs, NETWORKS[kind], lambda: build_network(kind, shape, **kwargs))
+        net = _build("model", what, kwargs, NETWORKS[kind], lambda: build_network(kind, shape, **kwargs))
         try:
             net(torch.empty(2, *shape), torch.empty(2))
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise PreflightError(f"model.kwargs: {what} with {kwargs} cannot run on items of shape {shape} "
+            raise PreflightError(f"model: {what} with {kwargs} cannot run on items of shape {shape} "
                                  f"({_first_line(e)})") from None
     return sum(p.numel() for p in net.parameters())
 
@@ -178,22 +180,23 @@ def _check_coupling(cfg: RunConfig) -> None:
         return
     from models.couplings import COUPLINGS, make_coupling
 
-    _build("coupling.kwargs", f"coupling '{coupling.kind}'", dict(coupling.kwargs), COUPLINGS[coupling.kind],
+    _build("coupling", f"coupling '{coupling.kind}'", dict(coupling.kwargs), COUPLINGS[coupling.kind],
            lambda: make_coupling(coupling.kind, **coupling.kwargs))
 
 
-def _build(key: str, what: str, kwargs: dict, cls: type, build: Callable):
-    """`build()`, with its errors as one line: a keyword `cls` does not take is named with the
-    ones it does."""
+def _build(section: str, what: str, kwargs: dict, cls: type, build: Callable):
+    """`build()` of `what` from the `kwargs` of a config section, its errors as one line: a
+    keyword `cls` does not take is named (`<section>.kwargs.<key>`) with the ones it does."""
     try:
         return build()
     except (TypeError, ValueError, RuntimeError) as e:
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if not unknown:
-            raise PreflightError(f"{key}: {what} cannot be built with {kwargs} ({_first_line(e)})") from None
+            raise PreflightError(f"{section}: {what} cannot be built with {kwargs} ({_first_line(e)})") from None
         fixed = {"self", "dim", "in_channels"}  # filled in from the data, not the config
         valid = [name for name in inspect.signature(cls).parameters if name not in fixed]
-        raise PreflightError(f"{key}.{unknown[1]}: not an argument of {what}; valid: {', '.join(valid)}") from None
+        raise PreflightError(f"{section}.kwargs.{unknown[1]}: not an argument of {what}; "
+                             f"valid: {', '.join(valid)}") from None
 
 
 def _first_line(error: Exception) -> str:
