@@ -7,7 +7,7 @@ STAMP := $(VENV)/.gendag-installed
 export GENDAG_HOME ?= $(CURDIR)
 export PYTHONHASHSEED = 0
 
-.PHONY: run test bench install clean-runs
+.PHONY: run test test-all bench install clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/gendag run flow-matching -c flow-matching/gaussians-to-moons -c flow-matching/digits --scale cpu --out runs/main
 
+## Everything but the fault-injection tests (marked slow); test-all runs those too.
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

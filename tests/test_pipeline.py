@@ -4,30 +4,17 @@ torch-fidelity and MLflow, driven through the `gendag` command line."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from graph_runs import DIGITS, MOONS, gendag, kill_group, start_gendag, wait_for
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from flows.cli import app
 
 pytestmark = pytest.mark.integration
-MOONS = ["run", "flow-matching", "-c", "flow-matching/gaussians-to-moons", "--scale", "tiny"]
-DIGITS = ["run", "flow-matching", "-c", "flow-matching/digits", "--scale", "tiny"]
 EULER1, EULER4, DOPRI = "euler,nfe=1", "euler,nfe=4", "dopri5,atol=0.001,rtol=0.001"  # sample setting labels
-
-
-def gendag(*args: str) -> dict:
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
-    out = Path(args[args.index("--out") + 1])
-    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +79,11 @@ def test_killed_training_resumes_and_same_seed_gives_same_numbers(moons: dict, w
     """Kill a run after its first checkpoint, rerun it: it resumes, and it ends bit-identical
     to the uninterrupted run with the same seed (only the run name differs)."""
     args = [*MOONS, "--set", "name=fm-resume", "--out", str(workspace / "runs" / "resume")]
-    env = {**os.environ, "PREFECT_HOME": str(workspace / "prefect-child")}
-    child = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=workspace,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    child = start_gendag(workspace, *args)
     ray_runs = workspace / ".gendag" / "ray"
-    deadline = time.time() + 240
     # Ray Train writes its snapshot once a reported checkpoint is registered (the folder appears earlier)
-    while not list(ray_runs.glob("fm-resume-*/checkpoint_manager_snapshot.json")) and time.time() < deadline:
-        assert child.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+    wait_for(lambda: list(ray_runs.glob("fm-resume-*/checkpoint_manager_snapshot.json")), "its first checkpoint", child)
+    kill_group(child)
     assert not list((workspace / ".gendag" / "models").glob("fm-resume-*")), "training finished before the kill"
 
     resumed = gendag(*args)
