@@ -181,7 +181,7 @@ def quiet_logs() -> None:
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    for name in ("dvc.repo.scm_context", "mlflow.store.db.utils", "alembic"):  # set-up chatter
+    for name in ("dvc.repo.init", "dvc.repo.scm_context", "mlflow.store.db.utils", "alembic"):  # set-up chatter
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -26,7 +26,7 @@ def ensure_ray() -> None:
     tmp = os.environ.get("GENDAG_RAY_TMP")
     if not tmp:
         tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-        atexit.register(_remove_ray_tmp, tmp)  # runs after Ray's own exit handler (registered later)
+        atexit.register(_remove_ray_tmp, tmp)  # runs before Ray's own exit handler (registered on import)
     ray.init(
         num_cpus=os.cpu_count(),
         include_dashboard=False,
@@ -39,10 +39,11 @@ def ensure_ray() -> None:
 
 
 def _remove_ray_tmp(tmp: str) -> None:
-    """Stop Ray (its processes write under `tmp` until then) and remove the folder we created."""
+    """Stop Ray and wait for its processes (they write under `tmp` until they are gone), then
+    remove the folder we created. A process killed outright (SIGKILL) cannot do this."""
     import ray
 
-    ray.shutdown()
+    ray.shutdown(wait_for_processes=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
