@@ -86,12 +86,12 @@ def folder(name: str) -> list[str]:
     return ["--set", "data.name=image_folder", "--set", f"data.path={{in}}/{name}"]
 
 
-def case(name: str, args: list[str], expect: list[str], marks=()):
-    return pytest.param(args, expect, id=name, marks=marks)
+def case(name: str, args: list[str], expect: list[str], env: dict[str, str] | None = None, marks=()):
+    return pytest.param(args, expect, env or {}, id=name, marks=marks)
 
 
 RUN = ["run", "flow-matching"]
-# case(id, arguments ({in}: the inputs folder), what the one line must contain)
+# case(id, arguments ({in}: the inputs folder), what the one line must contain, environment)
 CASES = [
     # the command line and the config file
     case("unknown-graph", ["run", "gan"], ["graph 'gan': expected one of", "flow-matching"]),
@@ -183,6 +183,8 @@ CASES = [
     case("out-is-a-file", RUN + ["--out", "{in}/plain-file"], ["output folder", "plain-file is a file, not a folder; choose another with --out"]),
     case("out-under-a-file", RUN + ["--out", "{in}/plain-file/run"], ["plain-file is a file, not a folder"]),
     case("out-not-writable", RUN + ["--out", "/proc/gendag-run"], ["output folder /proc/gendag-run: cannot write in /proc"], marks=pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux's /proc")),
+    case("workspace-is-a-file", RUN, ["workspace (GENDAG_HOME)", "plain-file is a file, not a folder"],
+         env={"GENDAG_HOME": "{in}/plain-file"}),
     # gendag sample
     case("sample-bad-sampler-yaml", ["sample", "models:/m@champion", "--sampler", "{method: ddim, nfe: [10"], ["--sampler", "not valid YAML"]),
     case("sample-without-registry", ["sample", "models:/gendag-x@champion"], ["models:/gendag-x@champion: no MLflow registry here"]),
@@ -211,9 +213,11 @@ def children() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True)}
 
 
-@pytest.mark.parametrize("args, expect", CASES)
-def test_bad_input_is_refused_in_one_line(args, expect, inputs, workspace_dir, tmp_path) -> None:
+@pytest.mark.parametrize("args, expect, env", CASES)
+def test_bad_input_is_refused_in_one_line(args, expect, env, inputs, workspace_dir, tmp_path, monkeypatch) -> None:
     args = [a.replace("{in}", str(inputs)) for a in args]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value.replace("{in}", str(inputs)))
     before, processes = tree(tmp_path, inputs), children()
     start = time.perf_counter()
     result = CliRunner().invoke(app, args)
