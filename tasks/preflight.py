@@ -43,7 +43,6 @@ WEIGHT_COPIES = 5
 # Per training example in a batch: x0, x1, x_t, target, prediction and the gradient of each.
 BATCH_COPIES = 8
 FLOAT = 4  # bytes of a float32
-GB = 1e9
 
 
 class PreflightError(ValueError):
@@ -146,7 +145,7 @@ def _fits_before_loading(section: str, spec: DatasetSpec) -> None:
     from models.data import DEFAULT_TOY_TEST, DEFAULT_TOY_TRAIN, TOY_2D
 
     if spec.name == "npy" and spec.path and Path(spec.path).is_file():
-        _fits(f"{section}.path", os.path.getsize(spec.path), f"{spec.path} holds")
+        _fits(f"{section}.path", os.path.getsize(spec.path), f"loading {spec.path} needs")
     elif spec.name in TOY_2D:
         n = (spec.n_train or DEFAULT_TOY_TRAIN) + (spec.n_test or DEFAULT_TOY_TEST)
         _fits(f"{section}.n_train", n * 2 * 8 * 3, f"{n} {spec.name} points need")  # float64, a few copies
@@ -247,7 +246,7 @@ def _fits(key: str, nbytes: float, what: str) -> None:
 
 
 def _size(nbytes: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", GB), ("MB", 1e6)):
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
         if nbytes >= scale:
             return f"{nbytes / scale:.3g} {unit}"
     return f"{nbytes:.0f} bytes"
