@@ -18,6 +18,7 @@ Guarantees (nothing false in the registry):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import subprocess
@@ -85,6 +86,7 @@ def recorded_run(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_f
 
     client, run_id = MlflowClient(), None
     try:
+        _quiet_store_logs()
         run = client.create_run(_experiment_id(client, cfg.registry.experiment), run_name=cfg.name, tags=tags)
         run_id = run.info.run_id
         _log(client, run_id, cfg, model, metrics, report_files, log_model)
@@ -96,6 +98,12 @@ def recorded_run(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_f
             raise RunError(f"register {cfg.name}: the MLflow store {get_tracking_uri()} failed: "
                            f"{first_line(e)}; {left}") from e
         raise
+
+
+def _quiet_store_logs() -> None:
+    """MLflow logs every failed store call with a traceback before raising it; gendag reports the
+    failure itself, once, in one line."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _mark_failed(client, run_id: str | None) -> str:

@@ -94,7 +94,10 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
 class ShardFolder:
     """The finished shards of a setting whose file is not written yet: `<file stem>.shards/<i>.npz`,
     each written atomically, so a shard on disk is always a whole one. Once every shard is there
-    they are assembled, in order, into the setting's file (atomically), and the folder goes."""
+    they are assembled, in order, into the setting's file (atomically), and the folder goes.
+    A shard holds `x`, `nfe` (network evaluations per sample) and `rounds` (sequential network
+    calls); the setting's file holds `x` concatenated and `nfe`, `rounds` one per shard. A shard or
+    file from before rounds were stored has none: each call was one evaluation, rounds == nfe."""
 
     def __init__(self, file: Path, count: int) -> None:
         self.file, self.count = file, count
@@ -102,7 +105,7 @@ class ShardFolder:
         self.finished = {int(p.stem) for p in self.folder.glob("*.npz") if p.stem.isdigit()}  # not *.partial.npz
 
     def save(self, result: dict) -> None:
-        arrays = {"x": result["x"], "nfe": np.int64(result["nfe"])}
+        arrays = {"x": result["x"], "nfe": np.int64(result["nfe"]), "rounds": np.int64(result["rounds"])}
         if result["trajectory"] is not None:
             arrays["trajectory"] = result["trajectory"]
         self.folder.mkdir(exist_ok=True)
@@ -117,7 +120,8 @@ class ShardFolder:
         for i in range(self.count):
             with np.load(self.folder / f"{i}.npz", allow_pickle=False) as f:
                 parts.append({k: f[k] for k in f.files})
-        arrays = {"x": np.concatenate([p["x"] for p in parts]), "nfe": np.array([p["nfe"] for p in parts], dtype=np.int64)}
+        arrays = {"x": np.concatenate([p["x"] for p in parts]), "nfe": np.array([p["nfe"] for p in parts], dtype=np.int64),
+                  "rounds": np.array([p.get("rounds", p["nfe"]) for p in parts], dtype=np.int64)}
         if "trajectory" in parts[0]:
             arrays["trajectory"] = parts[0]["trajectory"]
         write_npz(self.file, arrays)
@@ -130,7 +134,9 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     partial = path.with_name(path.name + ".partial.npz")
     try:
         np.savez(partial, **arrays)
-    except BaseException:
+    except BaseException as e:
         partial.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
+            e.filename = str(path)
         raise
     partial.rename(path)

@@ -37,9 +37,10 @@ def gendag_output(*args: str) -> str:
 
 
 def gendag_error(*args: str) -> str:
-    """Run `gendag` in-process; it must fail with exit code 2 and one line. Returns the line."""
+    """Run `gendag` in-process; it must fail with exit code 2 and one line on stderr (no
+    traceback; stdout may show the progress made before). Returns the line."""
     result = CliRunner().invoke(app, list(args))
-    lines = result.output.strip().splitlines()
+    lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
         f"exit {result.exit_code}:\n{result.output}\n{result.exception!r}"
     return lines[0]
