@@ -68,7 +68,7 @@ def _denoiser(spec: ModelSpec) -> Denoiser:
 
 
 def _denoiser_provides(spec: ModelSpec) -> frozenset[str]:
-    return Denoiser.provides | ({"discrete_time"} if SCHEDULERS[spec.scheduler].discrete else set())
+    return Denoiser.provides | SCHEDULERS[spec.scheduler].provides
 
 
 FAMILIES: dict[str, Family] = {"denoiser": Family(_denoiser, _denoiser_provides)}

@@ -54,9 +54,12 @@ class SchedulerOutput:
 class Scheduler(abc.ABC):
     """Maps time ``t`` to the coefficients of ``x_t = alpha_t * x1 + sigma_t * x0``."""
 
-    #: Discrete-time schedules (DDPM) train on ``timesteps`` steps; continuous ones have None.
-    discrete: bool = False
+    #: Discrete schedules (DDPM's steps, NCSN's noise levels) train on ``timesteps`` steps, step
+    #: ``i`` at ``t = 1 - i / timesteps``; continuous ones have None.
     timesteps: int | None = None
+    #: What a model on this path offers samplers and likelihoods beyond a network's outputs
+    #: (``discrete_time``: DDPM's Markov chain, which the variational bound is written for).
+    provides: frozenset[str] = frozenset()
     #: The last time an ODE solver may reach. Variance-preserving paths end with sigma ~ sqrt(1 - t)
     #: at the data, where the velocity diverges: solvers stop at ``ode_end`` and jump to the
     #: predicted data (see ``models.solvers``), as score SDEs stop at t = 1 - eps.
@@ -111,6 +114,21 @@ class VPScheduler(Scheduler):
         return SchedulerOutput(alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma)
 
 
+class SubVPScheduler(VPScheduler):
+    """Sub-VP path (Song et al. 2021, Eq. 29): VP's ``alpha``, ``sigma = 1 - alpha^2``.
+
+    Its variance is below VP's at every time, and ``sigma`` vanishes linearly (not like a square
+    root) at the data end; its SDE's diffusion is ``beta (1 - exp(-2 B(s)))``.
+    """
+
+    prior_std = Scheduler.prior_std  # sigma_0 = 1 - exp(-B(1)), just below VP's exact 1
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        vp = super().__call__(t)
+        return SchedulerOutput(alpha=vp.alpha, sigma=1 - vp.alpha**2, d_alpha=vp.d_alpha,
+                               d_sigma=-2 * vp.alpha * vp.d_alpha)
+
+
 class VEScheduler(Scheduler):
     """Variance exploding (NCSN / VE-SDE) path: data kept, noise shrinks geometrically."""
 
@@ -126,6 +144,31 @@ class VEScheduler(Scheduler):
             d_alpha=torch.zeros_like(t),
             d_sigma=-log_ratio * sigma,
         )
+
+
+class NCSNScheduler(VEScheduler):
+    """NCSN's noise levels (Song & Ermon 2019, Sec. 4.2): the VE path at L geometric sigmas.
+
+    As every discrete schedule, step ``i`` sits at ``t = 1 - i / L``: the L trained levels are the
+    steps ``i = L - 1, ..., 0``, ``sigma_i = sigma_min (sigma_max / sigma_min)^(i / L)``, from the
+    largest down to ``sigma_min`` (step 0, ``t = 1``); step ``L`` (``t = 0``) is ``sigma_max``,
+    the scale of the prior draw sampling starts from. A grid of S steps (``time_grid``) then
+    visits S of the levels after the prior, all L when S = L.
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, levels: int = 10):
+        super().__init__(sigma_min, sigma_max)
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        self.timesteps = levels
+
+    def level_times(self) -> Tensor:
+        """Times of the L trained levels, from the largest sigma to ``sigma_min`` (float64)."""
+        return torch.arange(1, self.timesteps + 1, dtype=torch.float64) / self.timesteps
+
+    def time_of(self, step: Tensor) -> Tensor:
+        """Time ``t = 1 - i / L`` of integer steps ``i`` (float64)."""
+        return 1 - step.double() / self.timesteps
 
 
 BETA_SCHEDULES = ("linear", "cosine")
@@ -160,7 +203,7 @@ class DDPMScheduler(Scheduler):
     """
 
     prior_std = 1.0
-    discrete = True
+    provides = frozenset({"discrete_time"})
 
     def __init__(self, beta_schedule: str = "linear", timesteps: int = 1000,
                  beta_start: float = 1e-4, beta_end: float = 0.02):
@@ -203,7 +246,9 @@ class DDPMScheduler(Scheduler):
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "cond_ot": CondOTScheduler,
     "vp": VPScheduler,
+    "subvp": SubVPScheduler,
     "ve": VEScheduler,
+    "ncsn": NCSNScheduler,
     "ddpm": DDPMScheduler,
 }
 

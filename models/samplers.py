@@ -40,17 +40,19 @@ class Param:
     low: float | None = None
     high: float | None = None
     doc: str = ""
+    integer: bool = False  # a count (corrector steps, window size): an int, not 2.5 or true
 
     def check(self, name: str, value: Any) -> Any:
         if self.choices is not None:
-            if value not in self.choices:
+            if not any(value == c and type(value) is type(c) for c in self.choices):  # 1 is not True
                 raise ValueError(f"{name}: got {value!r}; expected one of {', '.join(map(str, self.choices))}")
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}: got {value!r}; expected a number")
+        kind = "an integer" if self.integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            raise ValueError(f"{name}: got {value!r}; expected {kind}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise ValueError(f"{name}: got {value!r}; expected a number in [{self.low}, {self.high}]")
-        return float(value)
+            raise ValueError(f"{name}: got {value!r}; expected {kind} in [{self.low}, {self.high}]")
+        return value if self.integer else float(value)
 
 
 @dataclass(frozen=True)
@@ -59,17 +61,26 @@ class SamplerSpec:
     fn: SampleFn
     needs: frozenset[str]
     params: dict[str, Param] = field(default_factory=dict)
-    evals_per_step: int = 1  # network evaluations per grid step (fixed-step samplers)
+    #: Network evaluations per grid step: a number, or a function of the setting's parameters
+    #: (a predictor-corrector step costs 1 + corrector steps).
+    evals_per_step: int | Callable[[dict[str, Any]], int] = 1
     adaptive: bool = False  # chooses its own steps; NFE is measured, not set
     stochastic: bool = False
     description: str = ""
+
+    def evals(self, params: dict[str, Any]) -> int:
+        """Network evaluations one grid step costs with these parameters (defaults filled in)."""
+        if callable(self.evals_per_step):
+            return self.evals_per_step({name: params.get(name, p.default) for name, p in self.params.items()})
+        return self.evals_per_step
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register_sampler(name: str, needs: set[str], params: dict[str, Param] | None = None, *,
-                     evals_per_step: int = 1, adaptive: bool = False, stochastic: bool = False):
+                     evals_per_step: int | Callable[[dict[str, Any]], int] = 1, adaptive: bool = False,
+                     stochastic: bool = False):
     """Decorator: add a sampler function to ``SAMPLERS`` under ``name``."""
     def add(fn: SampleFn) -> SampleFn:
         doc = (fn.__doc__ or "").strip().splitlines()
@@ -121,7 +132,7 @@ class Setting:
 
     @property
     def steps(self) -> int | None:
-        return None if self.nfe is None else self.nfe // get_sampler(self.method).evals_per_step
+        return None if self.nfe is None else self.nfe // get_sampler(self.method).evals(self.kwargs)
 
 
 def parse_label(label: str) -> tuple[str, dict[str, str]]:
@@ -141,13 +152,8 @@ def settings_for(method: str, nfe: list[int] | None, params: dict[str, Any]) -> 
         raise ValueError(f"{unknown[0]}: unknown key for sampler '{method}'; valid keys: {valid}")
     if spec.adaptive and nfe:
         raise ValueError(f"nfe: sampler '{method}' is adaptive and chooses its own steps; set its tolerances")
-    if not spec.adaptive:
-        if not nfe:
-            raise ValueError(f"nfe: sampler '{method}' needs a list of NFE, e.g. [1, 2, 4, 8]")
-        bad = [n for n in nfe if n % spec.evals_per_step]
-        if bad:
-            raise ValueError(f"nfe: sampler '{method}' uses {spec.evals_per_step} evaluations per step; "
-                             f"{bad[0]} is not a multiple of {spec.evals_per_step}")
+    if not spec.adaptive and not nfe:
+        raise ValueError(f"nfe: sampler '{method}' needs a list of NFE, e.g. [1, 2, 4, 8]")
     choices = []
     for name, param in spec.params.items():
         values = params.get(name, param.default)
@@ -155,7 +161,14 @@ def settings_for(method: str, nfe: list[int] | None, params: dict[str, Any]) -> 
         if not values:
             raise ValueError(f"{name}: empty list")
         choices.append([(name, param.check(name, v)) for v in values])
-    return [Setting(method, n, tuple(combo)) for n in (nfe or [None]) for combo in product(*choices)]
+    settings = [Setting(method, n, tuple(combo)) for n in (nfe or [None]) for combo in product(*choices)]
+    for s in settings:
+        per_step = spec.evals(s.kwargs)
+        if s.nfe and s.nfe % per_step:
+            where = f" with {', '.join(f'{k}={_fmt(v)}' for k, v in s.params)}" if s.params else ""
+            raise ValueError(f"nfe: sampler '{method}' uses {per_step} evaluations per step{where}; "
+                             f"{s.nfe} is not a multiple of {per_step}")
+    return settings
 
 
 def time_grid(scheduler, steps: int, spacing: str = "trailing") -> Tensor:

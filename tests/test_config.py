@@ -58,7 +58,7 @@ def test_digest_changes_with_numbers_only_when_values_change() -> None:
         (MOONS, ["sample.samplers=[{method: dopri5, nfe: [4]}]"], "sampler 'dopri5' is adaptive"),
         (MOONS, ["sample.samplers=[{method: heun, nfe: [3]}]"], "sample.samplers.0.nfe: sampler 'heun' uses 2 evaluations per step"),
         (MOONS, ["sample.samplers=[{method: dopri5, atol: -1}]"], "sample.samplers.0.atol: got -1; expected a number in"),
-        (MOONS, ["sample.samplers=[{method: leapfrog, nfe: [2]}]"], "unknown sampler 'leapfrog'; expected one of ancestral, ddim"),
+        (MOONS, ["sample.samplers=[{method: leapfrog, nfe: [2]}]"], "unknown sampler 'leapfrog'; expected one of ancestral, annealed_langevin, ddim"),
         (MOONS, ["sample.samplers=[{method: ddim, nfe: [4]}]"], "sample.samplers.0.method: sampler 'ddim' needs a Gaussian source"),
         (MOONS, ["sample.samplers=[]"], "sample.samplers: got []"),
         (MOONS, ["path.scheduler=vp", "path.betas=1"], "--set 'path.betas=1': path.betas: unknown key; valid keys: scheduler, beta_min, beta_max"),

@@ -40,8 +40,9 @@ def test_vp_and_ve_endpoints_approximately_right():
 def test_derivatives_match_finite_differences(name):
     scheduler = make_scheduler(name)
     h = 1e-6
-    # a discrete (DDPM) schedule is smooth between its steps, with a kink at each: probe midway
-    t = T_INNER + 0.5 / scheduler.timesteps if scheduler.discrete else T_INNER
+    # DDPM's schedule is smooth between its steps, with a kink at each: probe midway (NCSN's levels
+    # lie on the smooth VE path)
+    t = T_INNER + 0.5 / scheduler.timesteps if "discrete_time" in scheduler.provides else T_INNER
     up, down, mid = scheduler(t + h), scheduler(t - h), scheduler(t)
     torch.testing.assert_close(mid.d_alpha, (up.alpha - down.alpha) / (2 * h), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mid.d_sigma, (up.sigma - down.sigma) / (2 * h), rtol=1e-5, atol=1e-6)
