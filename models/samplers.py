@@ -211,21 +211,30 @@ def time_grid(scheduler, steps: int, spacing: str = "trailing") -> Tensor:
 @dataclass
 class SampleResult:
     x: Tensor
-    nfe: int  # network evaluations made
+    nfe: int  # network evaluations per sample: rows the network saw / batch size
     trajectory: Tensor | None  # (points, B, ...) when asked for
+    #: sequential network calls; equal to nfe except where one call evaluates several points of
+    #: each sample (Picard windows, models.parallel)
+    rounds: int
 
 
 def sample_with(setting: Setting, model, x: Tensor, generator: torch.Generator | None = None,
                 trajectory: bool = False, trajectory_points: int = 21) -> SampleResult:
-    """Run one grid setting from the draw ``x``; counts the network's forward calls."""
+    """Run one grid setting from the draw ``x``; counts the network's forward calls (``rounds``) and
+    the rows they evaluate (``nfe`` = rows / batch size: a call on p points of each sample counts p)."""
     spec = get_sampler(setting.method)
     kwargs = setting.kwargs
     if spec.adaptive:
         grid = torch.linspace(0.0, 1.0, trajectory_points if trajectory else 2, dtype=torch.float64)
     else:
         grid = time_grid(model.scheduler, setting.steps, kwargs.get("spacing", "trailing"))
-    calls = [0]
-    hook = model.net.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    calls, rows = [0], [0]
+
+    def count(module, args) -> None:
+        calls[0] += 1
+        rows[0] += len(args[0]) if args else len(x)
+
+    hook = model.net.register_forward_pre_hook(count)
     path = [x] if trajectory else None
     try:
         with torch.no_grad():
@@ -233,4 +242,4 @@ def sample_with(setting: Setting, model, x: Tensor, generator: torch.Generator |
                           **{k: v for k, v in kwargs.items() if k != "spacing"})
     finally:
         hook.remove()
-    return SampleResult(out, calls[0], torch.stack(path) if trajectory else None)
+    return SampleResult(out, rows[0] // len(x), torch.stack(path) if trajectory else None, rounds=calls[0])

@@ -80,4 +80,5 @@ class Sampler:
         x = start_draw(model, self.shape, n, generator, self.source).to(self.device)
         out = sample_with(setting, model, x, generator, trajectory=trajectory > 0)
         traj = out.trajectory[:, :trajectory].cpu().numpy() if trajectory else None
-        return {"label": setting.label, "shard": shard, "x": out.x.cpu().numpy(), "nfe": out.nfe, "trajectory": traj}
+        return {"label": setting.label, "shard": shard, "x": out.x.cpu().numpy(), "nfe": out.nfe, "rounds": out.rounds,
+                "trajectory": traj}

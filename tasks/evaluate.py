@@ -69,9 +69,24 @@ def image_scores(x: np.ndarray, reference: np.ndarray, features: Ref, cfg: RunCo
     return {"fid": scores["fid"], "kid": scores["kid"]}  # KID's own spread over subsets is not reported
 
 
-def _load_samples(ref: Ref) -> tuple[np.ndarray, np.ndarray]:
+def _load_samples(ref: Ref) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples, NFE per shard, sequential rounds per shard (== NFE in files from before rounds were stored)."""
     with np.load(ref.path, allow_pickle=False) as f:
-        return f["x"], f["nfe"]
+        return f["x"], f["nfe"], f["rounds"] if "rounds" in f.files else f["nfe"]
+
+
+def cost_metrics(label: str, nfe: np.ndarray, rounds: np.ndarray) -> dict[str, float]:
+    """What a setting's samples cost where its label does not say it (means over shards):
+    `nfe@<label>` when the measured NFE differs from the label's (adaptive samplers, a grid that
+    ends with a jump, Picard), `rounds@<label>` when the sequential network calls differ from the
+    NFE (a Picard window evaluates several points of a sample in one call)."""
+    metrics = {}
+    asked = parse_label(label)[1].get("nfe")
+    if asked is None or float(asked) != nfe.mean():
+        metrics[f"nfe@{label}"] = float(nfe.mean())
+    if rounds.mean() != nfe.mean():
+        metrics[f"rounds@{label}"] = float(rounds.mean())
+    return metrics
 
 
 def _require_finite_array(x: np.ndarray, what: str) -> None:
@@ -115,7 +130,9 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
              model: Ref | None = None) -> dict[str, float]:
     """Metrics named `<metric>@<setting label>`, e.g. `fid@euler,nfe=4`,
     `w2@dopri5,atol=0.001,rtol=0.001`, plus `<metric>_floor`: the same protocol applied to as
-    many real training examples as there are samples; `nfe@<label>` for adaptive samplers;
+    many real training examples as there are samples; `nfe@<label>` where the measured NFE differs
+    from the label's (adaptive samplers, Picard); `rounds@<label>` (sequential network calls) where
+    it differs from the NFE (Picard windows evaluate several points of a sample in one call);
     and the test NLL of every `evaluate.likelihood` estimator (`nll@<name>` in nats per
     example, `bpd@<name>` in bits per dimension for images), with its standard error.
 
@@ -131,13 +148,13 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
     scores = score_store(cfg, data, features, reference)
     likelihoods = _start_likelihoods(cfg, model, splits, scores) if model is not None else {}
     sets = cfg.sample.sets
-    loaded = {label: _load_samples(ref) for label, ref in samples.items()}  # label -> (x, nfe per shard)
-    for label, (x, _) in loaded.items():
+    loaded = {label: _load_samples(ref) for label, ref in samples.items()}  # label -> (x, nfe, rounds per shard)
+    for label, (x, *_) in loaded.items():
         _require_finite_array(x, f"evaluate {cfg.name}: samples {label} ({samples[label].path})")
     _require_finite_array(reference, f"evaluate {cfg.name}: the held-out data ({data.path})")
     _require_finite_array(splits.train, f"evaluate {cfg.name}: the training data ({data.path})")
     blocks = scoring_blocks(
-        splits.train, {label: x for label, (x, _) in loaded.items()}, cfg.sample.n_samples, sets, cfg.seed,
+        splits.train, {label: x for label, (x, *_) in loaded.items()}, cfg.sample.n_samples, sets, cfg.seed,
     )
     keys = {block: _block_key(block, samples, cfg) for block in blocks}
     missing = {block: x for block, x in blocks.items() if scores.get(keys[block]) is None}
@@ -153,10 +170,8 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
         for block, x in missing.items():
             keep(block, image_scores(x, reference, features, cfg, data))
     metrics = summarize_blocks({block: scores.get(key) for block, key in keys.items()})
-    for label, (_, nfe) in loaded.items():
-        asked = parse_label(label)[1].get("nfe")
-        if asked is None or float(asked) != nfe.mean():  # adaptive, or a grid that ends with a jump
-            metrics[f"nfe@{label}"] = float(nfe.mean())
+    for label, (_, nfe, rounds) in loaded.items():
+        metrics |= cost_metrics(label, nfe, rounds)
     metrics |= _finish_likelihoods(likelihoods, splits, scores)
     require_finite(metrics, f"evaluate {cfg.name}")
     return metrics
