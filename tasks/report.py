@@ -134,6 +134,22 @@ def quality_vs_nfe(metrics: dict[str, float], kind: str, path: Path) -> Path:
     return path
 
 
+def quality_table(metrics: dict[str, float], kind: str, path: Path) -> Path:
+    """Every sampler's primary metric by NFE, budgets in increasing order, and at each budget the
+    best sampler among those that cost at most that much: which sampler to use for a budget."""
+    name = PRIMARY[kind]
+    points = sorted((nfe, value, sd, group) for group, pts in curves(metrics, name).items() for nfe, value, sd in pts)
+    lines = [f"| NFE | sampler | {name} | sd over sets | best within this budget |", "|---|---|---|---|---|"]
+    best = None
+    for nfe, value, sd, group in points:
+        best = (value, group) if best is None or value < best[0] else best
+        lines.append(f"| {nfe:g} | {group} | {value:.4g} | {sd:.2g} | {best[1]} ({best[0]:.4g}) |")
+    if f"{name}_floor" in metrics:
+        lines.append(f"\nreal data (floor): {metrics[f'{name}_floor']:.4g}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def loss_curve(model: Ref, path: Path) -> Path | None:
     state = model.path / "state.json"
     if not state.exists():  # a registered model evaluated again: its loss curve is in its training run
@@ -170,6 +186,7 @@ def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np
     folder.mkdir(parents=True, exist_ok=True)
     files = [
         quality_vs_nfe(metrics, kind, folder / "quality_vs_nfe.png"),
+        quality_table(metrics, kind, folder / "quality_vs_nfe.md"),
         loss_curve(model, folder / "loss.png"),
         metrics_table(metrics, folder / "metrics.md"),
     ]
