@@ -18,6 +18,7 @@ determinant ``alpha * d_sigma - sigma * d_alpha`` of the velocity system (sign k
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor, nn
@@ -129,6 +130,12 @@ class Denoiser(nn.Module):
         x = torch.randn((n, *shape), generator=generator)
         std = self.scheduler.prior_std
         return x if std == 1.0 else x * std
+
+    def prior_log_prob(self, x: Tensor) -> Tensor:
+        """log density of ``prior``'s draws, N(0, prior_std^2 I), summed over each example."""
+        std = self.scheduler.prior_std
+        per_dim = -0.5 * (x / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+        return per_dim.flatten(1).sum(1)
 
     def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
         return self.predict(x, t, "velocity")
