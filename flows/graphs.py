@@ -48,4 +48,14 @@ GRAPHS: dict[str, Graph] = {g.name: g for g in (
           "DDIM sampling of a DDPM-trained model: S-step subsequences, eta from 0 (deterministic) to 1, "
           "the sigma-hat variant, trailing / leading / quadratic spacing",
           "ddim/moons", ("ddim/moons", "ddim/digits")),
+    Graph("ncsn",
+          "NCSN: a noise-conditional score network on geometric noise levels, multi-level denoising score "
+          "matching, annealed Langevin dynamics (and every score / ODE sampler)",
+          "ncsn/eight-gaussians", ("ncsn/eight-gaussians", "ncsn/digits")),
+    Graph("score-sde",
+          "Score SDEs (VE, VP, sub-VP): continuous-time denoising score matching; reverse-SDE "
+          "Euler-Maruyama, reverse diffusion, predictor-corrector, probability-flow ODE with its exact "
+          "likelihood, Picard-parallel sampling",
+          "score-sde/vp", ("score-sde/ve", "score-sde/vp", "score-sde/subvp",
+                           "score-sde/ve-digits", "score-sde/vp-digits", "score-sde/subvp-digits")),
 )}

@@ -119,10 +119,30 @@ class VPPath(_Path):
     beta_max: PositiveFloat = 20.0
 
 
+class SubVPPath(VPPath):
+    """Song et al. 2021's sub-VP path: VP's alpha, sigma = 1 - alpha^2."""
+
+    scheduler: Literal["subvp"]
+
+
 class VEPath(_Path):
     scheduler: Literal["ve"]
     sigma_min: PositiveFloat = 0.01
     sigma_max: PositiveFloat = 50.0
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        return self
+
+
+class NCSNPath(VEPath):
+    """NCSN's noise levels: `levels` geometric sigmas of the VE path, down to sigma_min."""
+
+    scheduler: Literal["ncsn"] = "ncsn"
+    sigma_max: PositiveFloat = 10.0
+    levels: PositiveInt = 10
 
 
 class DDPMPath(_Path):
@@ -358,6 +378,26 @@ class DiffusionConfig(RunConfig):
     model: ModelConfig = ModelConfig(parameterization="epsilon")
     objective: ClassVar[str] = "ddpm"
     parameterizations: ClassVar[tuple[str, ...]] = ("epsilon", "v", "x1")
+
+
+class ScoreSDEConfig(RunConfig):
+    """Score SDEs in continuous time (VE, VP, sub-VP), trained by denoising score matching."""
+
+    graph: Literal["score-sde"]
+    path: Annotated[Union[VEPath, VPPath, SubVPPath], Field(discriminator="scheduler")] = VPPath(scheduler="vp")
+    model: ModelConfig = ModelConfig(parameterization="epsilon")
+    objective: ClassVar[str] = "score_sde"
+    parameterizations: ClassVar[tuple[str, ...]] = ("epsilon", "score", "v")
+
+
+class NCSNConfig(RunConfig):
+    """A noise-conditional score network on NCSN's geometric noise levels."""
+
+    graph: Literal["ncsn"]
+    path: NCSNPath = NCSNPath()
+    model: ModelConfig = ModelConfig(parameterization="epsilon")
+    objective: ClassVar[str] = "ncsn"
+    parameterizations: ClassVar[tuple[str, ...]] = ("epsilon", "score")
 
 
 def schemas() -> dict[str, type[RunConfig]]:

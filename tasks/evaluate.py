@@ -21,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.features import fid_kid, save_classifier, train_feature_extractor
+from models.data import true_log_density
 from models.likelihoods import bits_per_dim, estimate_nll
 from models.metrics import point_scores, reference_set, scoring_blocks, summarize_blocks
 from models.samplers import parse_label
@@ -172,7 +173,7 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
     metrics = summarize_blocks({block: scores.get(key) for block, key in keys.items()})
     for label, (_, nfe, rounds) in loaded.items():
         metrics |= cost_metrics(label, nfe, rounds)
-    metrics |= _finish_likelihoods(likelihoods, splits, scores)
+    metrics |= _finish_likelihoods(cfg, likelihoods, splits, scores)
     require_finite(metrics, f"evaluate {cfg.name}")
     return metrics
 
@@ -207,7 +208,7 @@ def _start_likelihoods(cfg: RunConfig, model: Ref, splits, scores: ScoreStore) -
     return {name: (key, started.get(key)) for key, name in keys.items()}
 
 
-def _finish_likelihoods(likelihoods: dict, splits, scores: ScoreStore) -> dict[str, float]:
+def _finish_likelihoods(cfg: RunConfig, likelihoods: dict, splits, scores: ScoreStore) -> dict[str, float]:
     import ray
 
     metrics = {}
@@ -220,7 +221,18 @@ def _finish_likelihoods(likelihoods: dict, splits, scores: ScoreStore) -> dict[s
             metrics[f"bpd@{name}"], metrics[f"bpd_se@{name}"] = (bits_per_dim(v, dims) for v in (nll["mean"], nll["se"]))
         else:
             metrics[f"nll@{name}"], metrics[f"nll_se@{name}"] = nll["mean"], nll["se"]
+    if likelihoods and splits.kind == "points":
+        metrics |= _true_nll(cfg, splits)
     return metrics
+
+
+def _true_nll(cfg: RunConfig, splits) -> dict[str, float]:
+    """`nll_floor`: the NLL of the same test points under the law the toy data are drawn from,
+    where it has a closed form (8 gaussians, checkerboard): what a perfect model would score."""
+    log_p = true_log_density(cfg.data.name, splits.test[: cfg.evaluate.likelihood_examples])
+    if log_p is None:
+        return {}
+    return {"nll_floor": float(-log_p.mean()), "nll_se_floor": float(log_p.std() / len(log_p) ** 0.5)}
 
 
 def _parallel_point_scores(blocks: dict, reference: np.ndarray, keep) -> None:

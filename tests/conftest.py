@@ -1,4 +1,5 @@
-"""One workspace, one Prefect test server and one Ray instance for the whole session."""
+"""One workspace, one Prefect test server and one Ray instance for the whole session; torch on one
+thread for the modules of tiny analytic tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def workspace(tmp_path_factory) -> Path:
     import ray
 
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tensors of the analytic tests are tiny: on a shared 2-core machine thread hand-offs dominate."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ LAM, U = torch.linalg.eigh(S)
 EYE = torch.eye(2, dtype=D)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: on a shared 2-core machine thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ExactEpsilon(nn.Module):

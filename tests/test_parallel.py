@@ -18,12 +18,14 @@ from models.sampling import Sampler
 from tasks.evaluate import _load_samples, cost_metrics
 from tasks.infra import Ref
 from tasks.sample import ShardFolder
-from test_diffusion import D, exact_model, one_thread, setting, whitened_normal  # noqa: F401 (one_thread: autouse)
+from test_diffusion import D, exact_model, setting, whitened_normal
 from test_sampling import ddpm_dir  # noqa: F401 (a fixture)
 
 SEQUENTIAL = {"picard_euler": "euler", "picard_ddim": "ddim"}
 PATHS = {"ddpm": lambda: DDPMScheduler("linear", 1000), "cond_ot": CondOTScheduler}
 C = 4.0
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(method, n, model, x, **params):

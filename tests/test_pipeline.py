@@ -175,3 +175,25 @@ def test_ddim_graph_on_digits_reports_bits_per_dim(workspace: Path) -> None:
     metrics = run["metrics"]
     assert 0 < metrics["bpd@ddpm_bound"] < 1e4 and "fid@ancestral,nfe=10,spacing=trailing,variance=small" in metrics
     assert metrics["fid@ddim,nfe=4,eta=0,spacing=trailing"] < metrics["fid@ancestral,nfe=10,spacing=trailing,variance=small,untrained"]
+
+
+def test_score_sde_graph_reports_the_ode_likelihood_next_to_the_true_one(workspace: Path) -> None:
+    """A VP score SDE on 8 gaussians end to end: reverse-SDE, PC and probability-flow samplers
+    beat the untrained network, and the test NLL through the probability-flow ODE sits next to
+    the mixture's own NLL of the same points (a tiny model is far from it, but on the same scale)."""
+    run = gendag("run", "score-sde", "-c", "score-sde/vp", "--scale", "tiny", "--out", str(workspace / "runs" / "sde"))
+    metrics = run["metrics"]
+    pc = "pc,nfe=20,predictor=reverse_diffusion,corrector_steps=1,snr=0.16"
+    assert {"w2@euler_maruyama,nfe=20", f"w2@{pc}", "w2@euler,nfe=10"} <= set(metrics)
+    assert metrics["w2@euler_maruyama,nfe=20"] < metrics["w2@euler_maruyama,nfe=20,untrained"]
+    assert metrics["nll_floor"] == pytest.approx(0.31, abs=0.15)  # log 8 + log(2 pi e 0.1^2) = 0.31
+    assert metrics["nll_floor"] < metrics["nll@ode"] < 10 and metrics["nll_se@ode"] > 0
+
+
+def test_ncsn_graph_on_digits(workspace: Path) -> None:
+    run = gendag("run", "ncsn", "-c", "ncsn/digits", "--scale", "tiny", "--out", str(workspace / "runs" / "ncsn"))
+    metrics = run["metrics"]
+    langevin = "annealed_langevin,nfe=20,steps_per_level=2,step_size=2e-05,denoise=True"
+    assert {f"fid@{langevin}", "fid@reverse_diffusion,nfe=10"} <= set(metrics)
+    assert metrics["nfe@" + langevin] == 21  # 10 levels x 2 steps + the denoising jump
+    assert metrics[f"fid@{langevin}"] < metrics[f"fid@{langevin},untrained"]

@@ -22,12 +22,7 @@ from test_diffusion import EYE, D, M, S, exact_model, moments, setting, whitened
 PATHS = {"ve": lambda: VEScheduler(0.01, 20.0), "vp": VPScheduler, "subvp": SubVPScheduler}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ the SDEs
