@@ -10,11 +10,13 @@ outside the forward counts as sampler cost: the time grid, `Denoiser.velocity` /
 (parameterization conversion), the sampler's own arithmetic and noise draws, the NFE-counting
 hook and, for dopri5, torchdiffeq's step control.
 
-Measured on the network of every shipped config of the flow-matching and ddpm graphs (the ddim
-graph trains the ddpm models), at its shard size, for every registered sampler the model can
-feed (its `needs` met by the config): fixed-step samplers at N = 100 (ancestral small and large
-variance, DDIM at eta 0 and 1, the ODE solvers), dopri5 per *reported* NFE at the config's
-tolerance (1e-3 where the config has none).
+Measured on the network of every shipped config of the flow-matching, ddpm, score-sde (VP; VE
+and sub-VP train the same networks) and ncsn (digits) graphs (the ddim graph trains the ddpm
+models), at its shard size, for every registered sampler the model can feed (its `needs` met by
+the config): fixed-step samplers at N = 100 (ancestral small and large variance, DDIM at eta 0
+and 1, the ODE solvers, Euler-Maruyama, reverse diffusion, PC with one corrector step, annealed
+Langevin at 5 steps a level, the Picard samplers with their default window), dopri5 per
+*reported* NFE at the config's tolerance (1e-3 where the config has none).
 
 The headline is the median over rounds; a plain loop of N bare forwards is timed in each round
 for reference. torch uses 1 thread, as the sampling actors do (models.sampling.Sampler).
@@ -36,7 +38,8 @@ from tasks.config import RunConfig, load_config
 
 TARGET = "sampler time <= 1.1 x (NFE x one net(x, t) forward)"
 CONFIGS = {"flow-matching/digits": (1, 8, 8), "flow-matching/gaussians-to-moons": (2,),
-           "ddpm/digits": (1, 8, 8), "ddpm/moons": (2,)}
+           "ddpm/digits": (1, 8, 8), "ddpm/moons": (2,), "score-sde/vp-digits": (1, 8, 8), "score-sde/vp": (2,),
+           "ncsn/digits": (1, 8, 8)}
 VARIANTS = {"ancestral": {"variance": ["small", "large"]}, "ddim": {"eta": [0.0, 1.0]}}
 
 

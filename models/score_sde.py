@@ -49,7 +49,7 @@ class DenoisingScoreMatching(PathRegression):
     """Continuous-time denoising score matching (Song et al. 2021, Eq. 7), lambda(t) = sigma_t^2.
 
     ``sigma_t^2 |s_hat - grad log p(x_t | x1)|^2 = |eps_hat - eps|^2`` whatever the network
-    predicts (epsilon, score or v), so the loss is written on the epsilon it implies;
+    predicts (epsilon or score), so the loss is written on the epsilon it implies;
     t ~ U[0, 1 - TRAIN_EPS].
     """
 
