@@ -117,17 +117,20 @@ def quality_vs_nfe(metrics: dict[str, float], kind: str, path: Path) -> Path:
     """The primary metric against NFE, one curve per sampler, with the spread over sample sets
     as error bars when there is one, and the real-data floor."""
     name = PRIMARY[kind]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for group, points in curves(metrics, name).items():
+    found = curves(metrics, name)
+    fig, ax = plt.subplots(figsize=(9.5, 4.6))
+    colors = plt.get_cmap("tab20" if len(found) > 10 else "tab10").colors
+    for i, (group, points) in enumerate(found.items()):  # a colour and a marker each: no two curves alike
         nfe, value, sd = zip(*points)
-        ax.errorbar(nfe, value, yerr=sd, fmt="o-" if len(points) > 1 else "s", capsize=3, label=group, ms=4)
+        ax.errorbar(nfe, value, yerr=sd, fmt="-" if len(points) > 1 else "", marker="osD^v<>p*hX"[i % 11],
+                    color=colors[i % len(colors)], capsize=3, label=group, ms=4)
     if f"{name}_floor" in metrics:
         floor, sd = metrics[f"{name}_floor"], metrics.get(f"{name}_sd_floor", 0.0)
         ax.axhline(floor, ls="--", color="gray", label="real data (floor)")
         if sd:
             ax.axhspan(max(floor - sd, 1e-12), floor + sd, color="gray", alpha=0.15)
     ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel=name.upper())
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
