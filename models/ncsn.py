@@ -35,7 +35,7 @@ class NoiseConditionalScoreMatching(DenoisingScoreMatching):
         return ((u.double() * levels).floor().clamp(max=levels - 1) + 1).div(levels).to(u.dtype)
 
 
-@register_sampler("annealed_langevin", {"score", "gaussian_source"}, {
+@register_sampler("annealed_langevin", {"score", "gaussian_source", "noise_levels"}, {
     "steps_per_level": Param(5, low=1, high=10_000, integer=True, doc="Langevin steps T at each level"),
     "step_size": Param(2e-5, low=0.0, high=1.0, doc="epsilon: the step at the smallest level"),
     "denoise": Param(True, choices=(True, False), doc="end with a jump to the predicted data (1 NFE)"),

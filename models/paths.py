@@ -58,7 +58,11 @@ class Scheduler(abc.ABC):
     #: ``i`` at ``t = 1 - i / timesteps``; continuous ones have None.
     timesteps: int | None = None
     #: What a model on this path offers samplers and likelihoods beyond a network's outputs
-    #: (``discrete_time``: DDPM's Markov chain, which the variational bound is written for).
+    #: (``discrete_time``: DDPM's Markov chain, which the variational bound is written for;
+    #: ``sde``: a forward SDE whose drift is finite where sampling starts, alpha_0 > 0, which
+    #: the reverse-SDE samplers integrate; CondOT's alpha_0 = 0 makes its drift infinite there;
+    #: ``noise_levels``: sigma > 0 down to the data end, as annealed Langevin's step rule divides
+    #: by the smallest level).
     provides: frozenset[str] = frozenset()
     #: The last time an ODE solver may reach. Variance-preserving paths end with sigma ~ sqrt(1 - t)
     #: at the data, where the velocity diverges: solvers stop at ``ode_end`` and jump to the
@@ -98,6 +102,7 @@ class VPScheduler(Scheduler):
     """
 
     prior_std = 1.0
+    provides = frozenset({"sde"})
     ode_end = 1.0 - 1e-3  # Song et al. 2021's epsilon for the VP SDE
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-12):
@@ -131,6 +136,8 @@ class SubVPScheduler(VPScheduler):
 
 class VEScheduler(Scheduler):
     """Variance exploding (NCSN / VE-SDE) path: data kept, noise shrinks geometrically."""
+
+    provides = frozenset({"sde", "noise_levels"})
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
@@ -203,7 +210,7 @@ class DDPMScheduler(Scheduler):
     """
 
     prior_std = 1.0
-    provides = frozenset({"discrete_time"})
+    provides = frozenset({"discrete_time", "sde"})
 
     def __init__(self, beta_schedule: str = "linear", timesteps: int = 1000,
                  beta_start: float = 1e-4, beta_end: float = 0.02):

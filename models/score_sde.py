@@ -133,7 +133,7 @@ def _walk(model, x: Tensor, grid: Tensor, generator, callback, step, corrector_s
     return x
 
 
-NEEDS = {"score", "gaussian_source"}
+NEEDS = {"score", "gaussian_source", "sde"}
 
 
 @register_sampler("euler_maruyama", NEEDS, stochastic=True)

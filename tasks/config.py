@@ -356,6 +356,12 @@ def _needs_phrase(missing: set[str], cfg: RunConfig) -> str:
         return f"a Gaussian source (N(0, I)); this run starts from '{cfg.source_config.name}'"
     if "discrete_time" in missing:
         return f"a discrete-time (DDPM) model; this one is on the '{cfg.path.scheduler}' path"
+    if "noise_levels" in missing:
+        return (f"noise levels above zero down to the data (the ve or ncsn path); on the '{cfg.path.scheduler}' "
+                "path sigma reaches 0")
+    if "sde" in missing:
+        return (f"a path with a forward SDE (vp, subvp, ve, ncsn, ddpm); on the '{cfg.path.scheduler}' path the "
+                "reverse SDE's drift is infinite at the noise end")
     return f"a model that provides {', '.join(sorted(missing))}"
 
 

@@ -126,6 +126,11 @@ CASES = [
     case("samplers-empty", RUN + ["--set", "sample.samplers=[]"], ["sample.samplers: got []"]),
     case("sampler-unknown", RUN + ["--set", "sample.samplers=[{method: leapfrog, nfe: [2]}]"], ["unknown sampler 'leapfrog'"]),
     case("sampler-needs-gaussian", RUN + ["--set", "sample.samplers=[{method: ddim, nfe: [4]}]"], ["sampler 'ddim' needs a Gaussian source"]),
+    case("sampler-needs-sde", RUN + ["-c", "flow-matching/digits", "--set", "sample.samplers=[{method: euler_maruyama, nfe: [4]}]"],
+         ["sampler 'euler_maruyama' needs a path with a forward SDE", "'cond_ot' path"]),
+    case("sampler-needs-noise-levels", ["run", "score-sde", "-c", "score-sde/vp", "--set",
+                                        "sample.samplers=[{method: annealed_langevin, nfe: [10]}]"],
+         ["sampler 'annealed_langevin' needs noise levels above zero", "'vp' path"]),
     case("scheduler-unknown", RUN + ["--set", "path.scheduler=warp"], ["path.scheduler: got 'warp'"]),
     case("npy-without-path", RUN + ["--set", "data.name=npy"], ["--set 'data.name=npy': data: dataset 'npy' needs a path"]),
     # data files
