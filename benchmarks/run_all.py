@@ -4,6 +4,8 @@
 
 (a) parallel_sampling.py   (b) orchestration_overhead.py   (c) solver_overhead.py   (d) ot_coupling.py
 Each script can also be run alone; see its docstring. `--quick` is passed on.
+(e) fid_protocol_noise.py, (f) ddim_table.py and (g) parallel_picard.py measure a finished run's
+model (`--run <run folder>`), so they are run alone, after the run.
 """
 
 from __future__ import annotations

@@ -13,15 +13,16 @@ hook and, for dopri5, torchdiffeq's step control.
 Measured on the network of every shipped config of the flow-matching, ddpm, score-sde (VP; VE
 and sub-VP train the same networks) and ncsn (digits) graphs (the ddim graph trains the ddpm
 models), at its shard size, for every registered sampler the model can feed (its `needs` met by
-the config): fixed-step samplers at N = 100 (ancestral small and large variance, DDIM at eta 0
-and 1, the ODE solvers, Euler-Maruyama, reverse diffusion, PC with one corrector step, annealed
-Langevin at 5 steps a level, the Picard samplers with their default window), dopri5 per
-*reported* NFE at the config's tolerance (1e-3 where the config has none).
+the config): fixed-step samplers at N = 100 (at most one step a level on NCSN's 50 levels;
+ancestral small and large variance, DDIM at eta 0 and 1, the ODE solvers, Euler-Maruyama,
+reverse diffusion, PC with one corrector step, annealed Langevin at 5 steps a level, the Picard
+samplers with their default window), dopri5 per *reported* NFE at the config's tolerance (1e-3
+where the config has none).
 
 The headline is the median over rounds; a plain loop of N bare forwards is timed in each round
 for reference. torch uses 1 thread, as the sampling actors do (models.sampling.Sampler).
 
-    .venv/bin/python benchmarks/solver_overhead.py [--quick]
+    .venv/bin/python benchmarks/solver_overhead.py [--quick] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ CONFIGS = {"flow-matching/digits": (1, 8, 8), "flow-matching/gaussians-to-moons"
 VARIANTS = {"ancestral": {"variance": ["small", "large"]}, "ddim": {"eta": [0.0, 1.0]}}
 
 
-def settings(cfg: RunConfig, nfe: int) -> list[Setting]:
-    """Every registered sampler this config's model can feed, at `nfe` (or its dopri5 tolerance)."""
+def settings(cfg: RunConfig, nfe: int, timesteps: int | None) -> list[Setting]:
+    """Every registered sampler this config's model can feed, at `nfe` (or its dopri5 tolerance);
+    on a discrete schedule of `timesteps` steps (NCSN's levels), at most one step per level."""
     get_sampler("euler")  # registers every method
     adaptive = [e.params for e in cfg.sample.samplers if get_sampler(e.method).adaptive]
     tol = adaptive[0] if adaptive else {"atol": 1e-3, "rtol": 1e-3}
     out = []
     for name, spec in SAMPLERS.items():
         if spec.needs <= cfg.provides():
-            out += settings_for(name, [] if spec.adaptive else [nfe], tol if spec.adaptive else VARIANTS.get(name, {}))
+            per_step = spec.evals({})
+            n = min(nfe, timesteps * per_step) if timesteps else nfe
+            out += settings_for(name, [] if spec.adaptive else [n], tol if spec.adaptive else VARIANTS.get(name, {}))
     return out
 
 
@@ -94,7 +98,7 @@ def measure(name: str, spec: ModelSpec, batch: int, cfg: RunConfig, nfe: int, ro
     bare, model.net = model.net, TimedNet(model.net)
     x0 = torch.randn(batch, *spec.data_shape, generator=torch.Generator().manual_seed(1))
     t = torch.full((batch,), 0.5)
-    grid = settings(cfg, nfe)
+    grid = settings(cfg, nfe, model.scheduler.timesteps)
 
     def run(setting: Setting) -> tuple[float, float, int]:
         """(wall / time in the forwards, ms per forward, NFE) of one call."""
@@ -128,9 +132,11 @@ def measure(name: str, spec: ModelSpec, batch: int, cfg: RunConfig, nfe: int, ro
 
 
 def main() -> None:
-    args = C.parser(__doc__.splitlines()[0]).parse_args()
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=7, help="rounds of every setting (the median is shown)")
+    args = p.parse_args()
     torch.set_num_threads(1)
-    nfe, rounds = (20, 3) if args.quick else (100, 7)
+    nfe, rounds = (20, 3) if args.quick else (100, args.rounds)
     print(f"machine before: {C.uptime()}")
     rows = []
     for name, (spec, batch, cfg) in shipped_models().items():
