@@ -134,12 +134,16 @@ def measure(name: str, spec: ModelSpec, batch: int, cfg: RunConfig, nfe: int, ro
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7, help="rounds of every setting (the median is shown)")
+    p.add_argument("--configs", default="", help="comma-separated config names (default: all of CONFIGS)")
     args = p.parse_args()
     torch.set_num_threads(1)
     nfe, rounds = (20, 3) if args.quick else (100, args.rounds)
     print(f"machine before: {C.uptime()}")
     rows = []
+    chosen = [c for c in args.configs.split(",") if c]
     for name, (spec, batch, cfg) in shipped_models().items():
+        if chosen and name not in chosen:
+            continue
         rows += measure(name, spec, batch, cfg, nfe, rounds)
     C.print_table(
         f"sampler cost per NFE / one net(x, t) forward in the same call (median of {rounds} rounds; 1 thread)",
