@@ -5,10 +5,10 @@ overrides for the other scales (`tiny` for tests, `paper` for GPU clusters). Eve
 error is one line naming the offending key and what was expected.
 
 Each graph has its own schema: a subclass of `RunConfig` whose `graph` field lists the
-graph names it serves (`FlowMatchingConfig`, `DiffusionConfig`). `load_config` picks the
+graph names it serves (`FlowMatchingConfig`, `DiffusionConfig`, `ScoreSDEConfig`, `NCSNConfig`). `load_config` picks the
 schema by the file's `graph:` key, so a method's own keys are validated and listed in its
 errors. Sections shared by every graph (data, model, train, sample, evaluate, registry)
-are defined once here.
+are defined once, in `tasks.config_sections`.
 """
 
 from __future__ import annotations
@@ -21,18 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from models.checkpoint import ModelSpec
-from models.couplings import COUPLINGS
-from models.data import DATASETS, DatasetSpec
 from models.likelihoods import get_likelihood
-from models.networks import NETWORKS
 from models.parameterization import PARAMETERIZATIONS
-from models.paths import BETA_SCHEDULES, make_scheduler
+from models.paths import make_scheduler
 from models.samplers import get_sampler, settings_for, time_grid
-from models.training import LR_SCHEDULES
+from tasks.config_sections import (AnyPath, CondOTPath, CouplingConfig, DataConfig, DDPMPath, EvaluateConfig,
+                                    ModelConfig, NCSNPath, RegisterConfig, SampleConfig, SourceConfig, Strict,
+                                    SubVPPath, TrainConfig, VEPath, VPPath, MAX_SEED, _safe_name)
 
 SCALES = ("tiny", "cpu", "paper")
 
@@ -40,223 +38,6 @@ SCALES = ("tiny", "cpu", "paper")
 class ConfigError(ValueError):
     """A config problem, phrased as one line for the user."""
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError(f"got {value!r}; expected a number, not a boolean")
-    return value
-
-
-PositiveInt = Annotated[int, Field(gt=0, strict=True)]
-Float = Annotated[float, BeforeValidator(_not_bool)]  # YAML's 1e-3 is a string: floats stay lax otherwise
-PositiveFloat = Annotated[Float, Field(gt=0)]
-MAX_SEED = 2**32 - 1  # what every seeded library (numpy, torch, scikit-learn) accepts
-
-
-def _safe_name(value: str) -> str:
-    """A name that is also a folder name and an MLflow registered-model name."""
-    if not value or not all(c.isalnum() or c in "-_." for c in value) or set(value) <= {"."}:
-        raise ValueError(f"'{value}' must be letters, digits, '-', '_' or '.' (not only dots)")
-    return value
-
-
-class _DatasetFields(Strict):
-    n_train: PositiveInt | None = None
-    n_test: PositiveInt | None = None
-    path: str | None = None
-    image_size: PositiveInt | None = None
-    channels: Literal[1, 3] | None = None
-    download: StrictBool = False
-
-    @model_validator(mode="after")
-    def _path_when_needed(self):
-        if self.name in ("npy", "image_folder") and not self.path:
-            raise ValueError(f"dataset '{self.name}' needs a path (a .npy file or an image folder)")
-        return self
-
-
-class DataConfig(_DatasetFields):
-    name: Literal[DATASETS]  # type: ignore[valid-type]
-
-    def spec(self, seed: int) -> DatasetSpec:
-        """What `models.data` loads for this section (a path made absolute: it names the version)."""
-        fields = self.model_dump()
-        if fields.get("path"):
-            fields["path"] = str(Path(fields["path"]).expanduser().resolve())
-        return DatasetSpec(**fields, seed=seed)
-
-
-class SourceConfig(_DatasetFields):
-    """The t=0 end of the path: standard normal, or any dataset (flow matching needs no Gaussian)."""
-
-    name: Literal[("gaussian",) + DATASETS] = "gaussian"  # type: ignore[valid-type]
-
-    def as_data(self) -> DataConfig | None:
-        return None if self.name == "gaussian" else DataConfig(**self.model_dump())
-
-
-# --------------------------------------------------------------------------- paths (typed per scheduler)
-
-
-class _Path(Strict):
-    def kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"scheduler"})
-
-
-class CondOTPath(_Path):
-    """x_t = t x1 + (1 - t) x0 (rectified flow / conditional OT)."""
-
-    scheduler: Literal["cond_ot"] = "cond_ot"
-
-
-class VPPath(_Path):
-    scheduler: Literal["vp"]
-    beta_min: PositiveFloat = 0.1
-    beta_max: PositiveFloat = 20.0
-
-
-class SubVPPath(VPPath):
-    """Song et al. 2021's sub-VP path: VP's alpha, sigma = 1 - alpha^2."""
-
-    scheduler: Literal["subvp"]
-
-
-class VEPath(_Path):
-    scheduler: Literal["ve"]
-    sigma_min: PositiveFloat = 0.01
-    sigma_max: PositiveFloat = 50.0
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
-        return self
-
-
-class NCSNPath(VEPath):
-    """NCSN's noise levels: `levels` geometric sigmas of the VE path, down to sigma_min."""
-
-    scheduler: Literal["ncsn"] = "ncsn"
-    sigma_max: PositiveFloat = 10.0
-    levels: PositiveInt = 10
-
-
-class DDPMPath(_Path):
-    """The discrete DDPM forward process: `timesteps` steps of a linear or cosine beta schedule."""
-
-    scheduler: Literal["ddpm"] = "ddpm"
-    beta_schedule: Literal[BETA_SCHEDULES] = "linear"  # type: ignore[valid-type]
-    timesteps: PositiveInt = 1000
-    beta_start: Annotated[Float, Field(gt=0, lt=1)] = 1e-4
-    beta_end: Annotated[Float, Field(gt=0, lt=1)] = 0.02
-
-
-AnyPath = Annotated[Union[CondOTPath, VPPath, VEPath, DDPMPath], Field(discriminator="scheduler")]
-
-
-# --------------------------------------------------------------------------- shared sections
-
-
-class ModelConfig(Strict):
-    network: Literal[tuple(NETWORKS)] = "mlp"  # type: ignore[valid-type]
-    parameterization: Literal[PARAMETERIZATIONS] = "velocity"  # type: ignore[valid-type]
-    kwargs: dict[str, Any] = {}
-
-
-class CouplingConfig(Strict):
-    kind: Literal[tuple(COUPLINGS)] = "independent"  # type: ignore[valid-type]
-    kwargs: dict[str, Any] = {}
-
-
-class TrainConfig(Strict):
-    steps: PositiveInt = 2000
-    batch_size: PositiveInt = 256
-    lr: PositiveFloat = 1e-3
-    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
-    warmup_steps: Annotated[int, Field(ge=0, strict=True)] = 0
-    lr_schedule: Literal[LR_SCHEDULES] = "constant"  # type: ignore[valid-type]
-    grad_clip: PositiveFloat | None = 1.0
-    ema_decay: Annotated[Float, Field(ge=0, lt=1)] = 0.999
-    num_workers: Annotated[int, Field(ge=0, strict=True)] = 2
-    use_gpu: StrictBool = False  # one GPU per Ray Train worker (NCCL); the paper scale sets it
-    checkpoint_every: PositiveInt = 500
-    log_every: PositiveInt = 50
-
-    #: Fields that change how often things are recorded, not the trained weights.
-    BOOKKEEPING: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "log_every"})
-
-
-class SamplerConfig(BaseModel):
-    """One sampler of the grid: `method`, `nfe` (a list, for fixed-step samplers) and the
-    sampler's own parameters, each a value or a list of values (every combination is sampled),
-    e.g. `{method: ddim, nfe: [10, 50], eta: [0.0, 1.0], spacing: trailing}`."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    method: str
-    nfe: list[PositiveInt] = []
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-    @model_validator(mode="after")
-    def _fits_the_sampler(self) -> "SamplerConfig":
-        settings_for(self.method, self.nfe, self.params)  # raises ValueError naming the key
-        return self
-
-
-class SampleConfig(Strict):
-    n_samples: PositiveInt = 1000
-    # Independent sample sets of n_samples each; metrics are their mean. FID from a few hundred
-    # images moves by as much as the real-data floor from one noise draw to the next.
-    sets: PositiveInt = 1
-    shard_size: PositiveInt = 500
-    num_workers: PositiveInt = 2
-    device: Literal["cpu", "cuda"] = "cpu"
-    samplers: Annotated[list[SamplerConfig], Field(min_length=1)] = [SamplerConfig(method="euler", nfe=[1, 2, 4, 8, 16, 100])]
-    trajectories: Annotated[int, Field(ge=0, strict=True)] = 256
-
-
-class EvaluateConfig(Strict):
-    n_reference: PositiveInt | None = None
-    feature_epochs: PositiveInt = 30
-    inception_weights: str | None = None
-    kid_subset_size: PositiveInt | None = None
-    likelihood: list[str] = []  # test-set NLL estimators (models.likelihoods), e.g. [ddpm_bound]
-    likelihood_examples: PositiveInt = 500  # test examples the NLL is averaged over
-
-
-class RegisterConfig(Strict):
-    """Where a run is recorded in MLflow; names are checked against MLflow's rules up front."""
-
-    model_name: str | None = None
-    experiment: Annotated[str, Field(min_length=1, max_length=500)] = "gendag"  # MLflow's limits
-    alias: str = "challenger"
-    champion_alias: str = "champion"
-
-    @field_validator("model_name")
-    @classmethod
-    def _model_name(cls, v: str | None) -> str | None:
-        return None if v is None else _safe_name(v)
-
-    @field_validator("alias", "champion_alias")
-    @classmethod
-    def _alias(cls, v: str) -> str:
-        if not re.fullmatch(r"[\w-]{1,255}", v):
-            raise ValueError(f"'{v}' must be 1 to 255 letters, digits, '_' or '-' (MLflow's alias rule)")
-        if v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
-            raise ValueError(f"'{v}' is reserved by MLflow ('latest' and v<number> name versions)")
-        return v
-
-    @model_validator(mode="after")
-    def _distinct_aliases(self):
-        if self.alias == self.champion_alias:
-            raise ValueError(f"registry: alias and champion_alias are both '{self.alias}'; they must differ")
-        return self
 
 
 # --------------------------------------------------------------------------- one schema per graph

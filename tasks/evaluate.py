@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.features import fid_kid, save_classifier, train_feature_extractor
-from models.data import true_log_density
+from models.toys import true_log_density
 from models.likelihoods import bits_per_dim, estimate_nll
 from models.metrics import point_scores, reference_set, scoring_blocks, summarize_blocks
 from models.samplers import parse_label

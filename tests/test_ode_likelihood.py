@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.data import _checkerboard, _eight_gaussians, true_log_density
+from models.toys import _checkerboard, _eight_gaussians, true_log_density
 from models.likelihoods import bits_per_dim, get_likelihood
 from models.networks import UNet
 from models.ode_likelihood import EXACT_DIVERGENCE_MAX_DIMS, ode_log_likelihood, ode_nll
