@@ -91,8 +91,6 @@ def convert(
     if source == target:
         return pred
     s = coefficients(scheduler, t, x_t)
-    if {source, target} == {"epsilon", "score"}:  # score = -eps / sigma: no need for x1 (SDE samplers' hot path)
-        return -pred / _safe(s.sigma) if target == "score" else -s.sigma * pred
     return from_pivot(*to_pivot(pred, x_t, s, source), s, target)
 
 
