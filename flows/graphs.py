@@ -58,4 +58,9 @@ GRAPHS: dict[str, Graph] = {g.name: g for g in (
           "likelihood, Picard-parallel sampling",
           "score-sde/vp", ("score-sde/ve", "score-sde/vp", "score-sde/subvp",
                            "score-sde/ve-digits", "score-sde/vp-digits", "score-sde/subvp-digits")),
+    Graph("rectified-flow",
+          "Rectified flow: 1-RF, reflow rounds on couplings of the previous flow's ODE (made by Ray workers, "
+          "versioned by DVC), one-step distillation; straightness and quality at every NFE for each stage",
+          "rectified-flow/moons", ("rectified-flow/moons", "rectified-flow/digits"),
+          body="flows.stages:rectified_flow"),
 )}

@@ -40,15 +40,18 @@ def prepare_data(cfg: RunConfig) -> Inputs:
     return Inputs(data, source, feature_extractor(cfg, data))
 
 
-def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs) -> tuple[dict[str, Ref], dict[str, float]]:
-    """Every setting of the config's sampler grid, scored against held-out data and the floor."""
-    samples = sample(cfg, model, inputs.source, sampling_grid(cfg.sample.samplers))
+def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs,
+                        baseline: bool = True) -> tuple[dict[str, Ref], dict[str, float]]:
+    """Every setting of the config's sampler grid (and the untrained baseline), scored against
+    held-out data and the floor."""
+    samples = sample(cfg, model, inputs.source, sampling_grid(cfg.sample.samplers, baseline))
     return samples, evaluate(cfg, samples, inputs.data, inputs.features, model)
 
 
 def report(cfg: RunConfig, folder: Path, model: Ref, inputs: Inputs, samples: dict[str, Ref], metrics: dict):
+    """The run's plots and tables into `folder`; (data kind, the files)."""
     splits = read_dataset(inputs.data)
-    return splits.kind, write_report(folder / "report", splits.kind, samples, splits.test, metrics, model)
+    return splits.kind, write_report(folder, splits.kind, samples, splits.test, metrics, model)
 
 
 def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
@@ -57,7 +60,7 @@ def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
         inputs = prepare_data(cfg)
         model = train(cfg, inputs.data, inputs.source)
         samples, metrics = sample_and_evaluate(cfg, model, inputs)
-        kind, files = report(cfg, staging, model, inputs, samples, metrics)
+        kind, files = report(cfg, staging / "report", model, inputs, samples, metrics)
         registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data))
         return write_summary(staging, out, cfg, inputs.data, model, metrics, registered)
 
@@ -68,6 +71,6 @@ def resample(cfg: RunConfig, out: Path, model: Ref, version: dict) -> dict:
     with run_outputs(out) as staging:
         inputs = prepare_data(cfg)
         samples, metrics = sample_and_evaluate(cfg, model, inputs)
-        _, files = report(cfg, staging, model, inputs, samples, metrics)
+        _, files = report(cfg, staging / "report", model, inputs, samples, metrics)
         logged = log_evaluation(cfg, model, metrics, files, lineage(cfg, inputs.data), version)
         return write_summary(staging, out, cfg, inputs.data, model, metrics, logged)

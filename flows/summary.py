@@ -21,11 +21,11 @@ def prefect_flow_run_id() -> str:
     return str(flow_run.id)
 
 
-def lineage(cfg: RunConfig, data: Ref) -> dict[str, str]:
+def lineage(cfg: RunConfig, data: Ref | None) -> dict[str, str]:
     """Tags that tie a registered model to its code, data, config and orchestration run."""
     return {
         "gendag.git_commit": git_commit(),
-        "gendag.data_hash": data.hash,
+        **({"gendag.data_hash": data.hash} if data else {}),
         "gendag.config_hash": cfg.digest(),
         "gendag.prefect_flow_run_id": prefect_flow_run_id(),
     }
@@ -60,8 +60,9 @@ def run_outputs(out: Path):
 
 
 def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dict,
-                  registered: dict) -> dict:
-    """`summary.json` and `config.json` of a run, into its staging folder (see `run_outputs`)."""
+                  registered: dict, stages: list[dict] | None = None) -> dict:
+    """`summary.json` and `config.json` of a run, into its staging folder (see `run_outputs`). A
+    multi-stage graph's summary describes its last stage's model, and lists every stage."""
     summary = {
         "graph": cfg.graph,
         "name": cfg.name,
@@ -83,6 +84,8 @@ def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Re
         "prefect_flow_run_id": prefect_flow_run_id(),
         "report": str(out / "report"),
     }
+    if stages:
+        summary["stages"] = stages
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     (staging / "summary.json").write_text(json.dumps(summary, indent=2))

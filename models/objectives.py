@@ -27,11 +27,16 @@ class Objective(abc.ABC):
     name: ClassVar[str] = ""
     #: What each batch must hold: "data" (x1), "source" (x0: N(0, I) or a source dataset).
     needs: ClassVar[frozenset[str]] = frozenset({"data", "source"})
-    #: Extra inputs the run must be given, by name (e.g. "teacher": a model folder).
+    #: Extra models the run must be given, by name (e.g. "teacher": a model folder). The input
+    #: named "init" is not the objective's: the worker starts the model from its weights.
     inputs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: nn.Module, **inputs: nn.Module) -> None:
+    def __init__(self, model: nn.Module, inputs: dict[str, nn.Module] | None = None, **options) -> None:
+        """``inputs``: the models named by ``inputs``; ``options``: the objective's own keyword
+        settings from the run config (a subclass names them in its signature)."""
         self.model = model
+        if options:
+            raise TypeError(f"objective {self.name!r} takes no option {sorted(options)[0]!r}")
 
     @abc.abstractmethod
     def loss(self, net: nn.Module, batch) -> Tensor:
@@ -58,12 +63,16 @@ def register_objective(name: str):
     return add
 
 
-def make_objective(name: str, model: nn.Module, **inputs: nn.Module) -> Objective:
+def make_objective(name: str, model: nn.Module, inputs: dict[str, nn.Module] | None = None,
+                   **options) -> Objective:
     import models.methods  # noqa: F401  (registers every method's objective)
 
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name](model, **inputs)
+    missing = [k for k in OBJECTIVES[name].inputs if k not in (inputs or {})]
+    if missing:
+        raise ValueError(f"objective {name!r} needs the input {missing[0]!r} (a model folder)")
+    return OBJECTIVES[name](model, inputs, **options)
 
 
 class PathRegression(Objective):
@@ -74,8 +83,8 @@ class PathRegression(Objective):
     score): flow matching and the DDPM "simple" loss are both this, with different times.
     """
 
-    def __init__(self, model: nn.Module, **inputs: nn.Module) -> None:
-        super().__init__(model, **inputs)
+    def __init__(self, model: nn.Module, inputs: dict[str, nn.Module] | None = None, **options) -> None:
+        super().__init__(model, inputs, **options)
         self.path = GaussianPath(model.scheduler)
 
     def times(self, u: Tensor) -> Tensor:

@@ -48,7 +48,13 @@ class PairSampler:
         coupling: Coupling | None = None,
         seed: int = 0,
         rank: int = 0,
+        paired: bool = False,
     ) -> None:
+        """``paired``: ``source`` and ``data`` are the two ends of a coupling set (a reflow
+        coupling): a batch draws rows by one index for both, not independently."""
+        if paired and (source is None or len(source) != len(data)):
+            raise ValueError("paired rows need a source with as many rows as the data")
+        self.paired = paired
         self.data, self.source = data, source
         self.batch_size = batch_size
         self.coupling = coupling or IndependentCoupling()
@@ -56,8 +62,11 @@ class PairSampler:
 
     def batch(self, step: int) -> Batch:
         g = torch.Generator().manual_seed((self.seed * 7919 + self.rank) * _STEP_STRIDE + step)
-        x1 = self.data[torch.randint(len(self.data), (self.batch_size,), generator=g)]
-        if self.source is None:
+        rows = torch.randint(len(self.data), (self.batch_size,), generator=g)
+        x1 = self.data[rows]
+        if self.paired:
+            x0 = self.source[rows]
+        elif self.source is None:
             x0 = torch.randn(x1.shape, generator=g)
         else:
             x0 = self.source[torch.randint(len(self.source), (self.batch_size,), generator=g)]

@@ -18,10 +18,12 @@ from models.checkpoint import SPEC_FILE, ModelSpec, load_model
 from models.samplers import Setting, sample_with, settings_for
 
 
-def sampling_grid(samplers) -> list[Setting]:
-    """Every setting of `samplers` (items with `method`, `nfe` list and `params` dict), plus
-    the untrained baseline at the largest fixed NFE: what a score is read against."""
+def sampling_grid(samplers, baseline: bool = True) -> list[Setting]:
+    """Every setting of `samplers` (items with `method`, `nfe` list and `params` dict), plus (with
+    `baseline`) the untrained baseline at the largest fixed NFE: what a score is read against."""
     grid = [s for entry in samplers for s in settings_for(entry.method, entry.nfe, entry.params)]
+    if not baseline:
+        return grid
     fixed = [s for s in grid if s.nfe]
     best = max(fixed, key=lambda s: s.nfe) if fixed else grid[0]
     return grid + [replace(best, untrained=True)]
@@ -74,11 +76,15 @@ class Sampler:
         self.shape = tuple(spec.data_shape)
         self.source = np.load(source_path, allow_pickle=False) if source_path else None
 
-    def run(self, setting: Setting, shard: int, n: int, seed: int, trajectory: int = 0) -> dict:
+    def run(self, setting: Setting, shard: int, n: int, seed: int, trajectory: int = 0,
+            keep_start: bool = False) -> dict:
+        """Shard ``shard`` (``n`` samples) of ``setting``; with ``keep_start`` its start draws too
+        (``x0``: a coupling set's pairs are (x0, x))."""
         model = self.untrained if setting.untrained else self.model
         generator = torch.Generator().manual_seed(shard_seed(seed, shard))
         x = start_draw(model, self.shape, n, generator, self.source).to(self.device)
+        start = x.cpu().numpy() if keep_start else None
         out = sample_with(setting, model, x, generator, trajectory=trajectory > 0)
         traj = out.trajectory[:, :trajectory].cpu().numpy() if trajectory else None
         return {"label": setting.label, "shard": shard, "x": out.x.cpu().numpy(), "nfe": out.nfe, "rounds": out.rounds,
-                "trajectory": traj}
+                "trajectory": traj, "x0": start}

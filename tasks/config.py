@@ -28,9 +28,10 @@ from models.likelihoods import get_likelihood
 from models.parameterization import PARAMETERIZATIONS
 from models.paths import make_scheduler
 from models.samplers import get_sampler, settings_for, time_grid
-from tasks.config_sections import (AnyPath, CondOTPath, CouplingConfig, DataConfig, DDPMPath, EvaluateConfig,
-                                    ModelConfig, NCSNPath, RegisterConfig, SampleConfig, SourceConfig, Strict,
-                                    SubVPPath, TrainConfig, VEPath, VPPath, MAX_SEED, _safe_name)
+from tasks.config_sections import (AnyPath, CondOTPath, CouplingConfig, DataConfig, DDPMPath, DistillConfig,
+                                    EvaluateConfig, ModelConfig, NCSNPath, ReflowConfig, RegisterConfig, SampleConfig,
+                                    SamplerConfig, SourceConfig, Strict, SubVPPath, TrainConfig, VEPath, VPPath,
+                                    MAX_SEED, _safe_name, merged_train)
 
 SCALES = ("tiny", "cpu", "paper")
 
@@ -75,17 +76,10 @@ class RunConfig(Strict):
             scheduler = make_scheduler(self.path.scheduler, **self.path.kwargs())
         except ValueError as e:
             raise ValueError(f"path.{e}") from None
-        for i, entry in enumerate(self.sample.samplers):
-            missing = get_sampler(entry.method).needs - provides
-            if missing:
-                raise ValueError(f"sample.samplers.{i}.method: sampler '{entry.method}' needs "
-                                 f"{_needs_phrase(missing, self)}")
-            for setting in settings_for(entry.method, entry.nfe, entry.params):
-                try:
-                    if setting.nfe:
-                        time_grid(scheduler, setting.steps, setting.kwargs.get("spacing", "trailing"))
-                except ValueError as e:
-                    raise ValueError(f"sample.samplers.{i}.{e}") from None
+        for where, entries in self.sampler_lists().items():
+            named = {f"{where}.{i}": e for i, e in enumerate(entries)} if isinstance(entries, list) else {where: entries}
+            for key, entry in named.items():
+                self._sampler_fits(key, entry, provides, scheduler)
         for name in self.evaluate.likelihood:
             try:
                 missing = get_likelihood(name).needs - provides
@@ -94,6 +88,32 @@ class RunConfig(Strict):
             if missing:
                 raise ValueError(f"evaluate.likelihood: '{name}' needs {_needs_phrase(missing, self)}")
         return self
+
+    def _sampler_fits(self, where: str, entry: SamplerConfig, provides: frozenset[str], scheduler) -> None:
+        missing = get_sampler(entry.method).needs - provides
+        if missing:
+            raise ValueError(f"{where}.method: sampler '{entry.method}' needs {_needs_phrase(missing, self)}")
+        for setting in settings_for(entry.method, entry.nfe, entry.params):
+            try:
+                if setting.nfe:
+                    time_grid(scheduler, setting.steps, setting.kwargs.get("spacing", "trailing"))
+            except ValueError as e:
+                raise ValueError(f"{where}.{e}") from None
+
+    def sampler_lists(self) -> dict[str, list[SamplerConfig] | SamplerConfig]:
+        """Every sampler the graph runs, by the key it is set at (a graph with stages adds theirs)."""
+        return {"sample.samplers": self.sample.samplers}
+
+    def stage(self, suffix: str, train: dict[str, Any] | None = None,
+              samplers: list[SamplerConfig] | None = None) -> "RunConfig":
+        """This config for one stage of a multi-stage graph: named `<name>-<suffix>` (its own run and
+        registered model), with the stage's `train:` overrides and sampler grid."""
+        update: dict[str, Any] = {"name": f"{self.name}-{suffix}"}
+        if train:
+            update["train"] = merged_train(self.train, train, "train")
+        if samplers:
+            update["sample"] = self.sample.model_copy(update={"samplers": samplers})
+        return self.model_copy(update=update)
 
     @property
     def source_config(self) -> SourceConfig:
@@ -187,6 +207,35 @@ class NCSNConfig(RunConfig):
     model: ModelConfig = ModelConfig(parameterization="epsilon")
     objective: ClassVar[str] = "ncsn"
     parameterizations: ClassVar[tuple[str, ...]] = ("epsilon", "score")
+
+
+class RectifiedFlowConfig(RunConfig):
+    """Rectified flow: 1-RF (flow matching on the straight path), `reflow.rounds` reflows on
+    couplings of the previous flow's ODE, then one-step distillation of the last one."""
+
+    graph: Literal["rectified-flow"]
+    source: SourceConfig = SourceConfig()
+    path: CondOTPath = CondOTPath()
+    coupling: CouplingConfig = CouplingConfig()  # how 1-RF pairs its training batches
+    reflow: ReflowConfig = ReflowConfig()
+    distill: DistillConfig = DistillConfig()
+    objective: ClassVar[str] = "flow_matching"
+    parameterizations: ClassVar[tuple[str, ...]] = ("velocity",)
+
+    @model_validator(mode="after")
+    def _stage_overrides(self):
+        merged_train(self.train, self.reflow.train, "reflow.train")
+        merged_train(self.train, self.distill.train, "distill.train")
+        return self
+
+    def sampler_lists(self) -> dict[str, list[SamplerConfig] | SamplerConfig]:
+        return {**super().sampler_lists(), "reflow.solver": self.reflow.solver,
+                "distill.samplers": self.distill.samplers}
+
+    def training_identity(self) -> dict:
+        """1-RF's weights do not depend on the later stages' settings (each stage's run adds its own)."""
+        identity = super().training_identity()
+        return {k: v for k, v in identity.items() if k not in ("reflow", "distill")}
 
 
 def schemas() -> dict[str, type[RunConfig]]:

@@ -236,3 +236,51 @@ class RegisterConfig(Strict):
         if self.alias == self.champion_alias:
             raise ValueError(f"registry: alias and champion_alias are both '{self.alias}'; they must differ")
         return self
+
+
+# --------------------------------------------------------------------------- stages after training
+
+
+def merged_train(base: TrainConfig, overrides: dict[str, Any], where: str) -> TrainConfig:
+    """`base` with a stage's `train:` overrides; an unknown key or a bad value is a ValueError
+    naming `<where>.<key>`."""
+    unknown = sorted(set(overrides) - set(TrainConfig.model_fields))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(TrainConfig.model_fields)}")
+    try:
+        return TrainConfig.model_validate({**base.model_dump(), **overrides})
+    except ValueError as e:  # pydantic's ValidationError: the first problem, as one line
+        first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
+        key = ".".join(map(str, first["loc"]))
+        raise ValueError(f"{where}.{key}: {first['msg']}") from None
+
+
+class ReflowConfig(Strict):
+    """Rectified flow's reflow rounds: each simulates the previous flow's ODE from `pairs` fresh
+    draws (a coupling set, made by `num_workers` Ray workers in shards of `shard_size`) and trains
+    the next flow on those pairs, from the previous flow's weights (`init: previous`) or afresh."""
+
+    rounds: Annotated[int, Field(ge=0, strict=True)] = 1  # 1: 1-RF -> 2-RF
+    pairs: PositiveInt = 10000
+    solver: SamplerConfig = SamplerConfig(method="dopri5", atol=1e-4, rtol=1e-4)
+    shard_size: PositiveInt = 1000
+    num_workers: PositiveInt = 2
+    init: Literal["previous", "scratch"] = "previous"
+    train: dict[str, Any] = {}  # overrides of the run's train section for every reflow round
+    straightness_points: PositiveInt = 1000  # draws the straightness of each flow is measured on
+    straightness_steps: PositiveInt = 100  # Euler steps along each draw's path
+
+    @model_validator(mode="after")
+    def _one_solver_setting(self):
+        settings = settings_for(self.solver.method, self.solver.nfe, self.solver.params)
+        if len(settings) != 1:
+            raise ValueError(f"solver: expected one setting (one nfe, one value per parameter); got {len(settings)}")
+        return self
+
+
+class DistillConfig(Strict):
+    """One-step distillation of the last rectified flow on couplings of its own ODE."""
+
+    enabled: StrictBool = True
+    train: dict[str, Any] = {}  # overrides of the run's train section
+    samplers: Annotated[list[SamplerConfig], Field(min_length=1)] = [SamplerConfig(method="euler", nfe=[1])]

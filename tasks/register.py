@@ -138,16 +138,51 @@ def _log(client, run_id: str, cfg: RunConfig, model: Ref, metrics: dict[str, flo
         client.log_artifact(run_id, str(model.path / file), artifact_path="model")
 
 
+@contextmanager
+def graph_run(cfg: RunConfig, tags: dict[str, str]):
+    """The parent MLflow run of a multi-stage graph, open while the graph runs; each stage's run
+    is nested in it (`register(..., parent=)`). Yields (client, run id); FINISHED when the body
+    succeeds, FAILED otherwise."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    _quiet_store_logs()
+    run = client.create_run(_experiment_id(client, cfg.registry.experiment), run_name=cfg.name,
+                            tags={"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **tags})
+    try:
+        client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
+        yield client, run.info.run_id
+        client.set_terminated(run.info.run_id, "FINISHED")
+    except BaseException:
+        _mark_failed(client, run.info.run_id)
+        raise
+
+
+def log_graph_results(client, run_id: str, metrics: dict[str, float], report_files: list[Path]) -> None:
+    """The graph's own metrics (e.g. `2-rf/w2@euler,nfe=1`) and report files on its parent run."""
+    from mlflow.entities import Metric
+
+    require_finite(metrics, "graph results")
+    now = int(time.time() * 1000)
+    values = [Metric(mlflow_metric_name(k), v, now, 0) for k, v in metrics.items()]
+    for i in range(0, len(values), 1000):
+        client.log_batch(run_id, metrics=values[i:i + 1000])
+    for file in report_files:
+        client.log_artifact(run_id, str(file), artifact_path="report")
+
+
 @task(name="register", cache_policy=NO_CACHE)
 def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str, float],
-             report_files: list[Path], lineage: dict[str, str]) -> dict:
+             report_files: list[Path], lineage: dict[str, str], parent: str | None = None) -> dict:
     """Log params, config, metrics, lineage, plots and the model; register a READY version; then,
-    last, move the aliases (`registry.alias`, and `registry.champion_alias` if it wins)."""
+    last, move the aliases (`registry.alias`, and `registry.champion_alias` if it wins). With
+    `parent` (a graph's MLflow run id) the run is nested in it."""
     require_finite(metrics, f"register {cfg.name}")
     score_name, score = primary_score(metrics, kind)
     tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **lineage}
+    nested = {"mlflow.parentRunId": parent} if parent else {}
     name = cfg.model_name
-    with recorded_run(cfg, model, metrics | {score_name: score}, report_files, tags) as (client, run_id, source):
+    with recorded_run(cfg, model, metrics | {score_name: score}, report_files, tags | nested) as (client, run_id, source):
         current = dict(_registered_model(client, name, cfg.graph).aliases)  # alias -> version, as found
         version = _ready_version(client, name, source, run_id, {**tags, score_name: str(score)})
         aliases = [cfg.registry.alias]

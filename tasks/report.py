@@ -201,3 +201,40 @@ def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np
         best = max(trained, key=lambda k: float(parse_label(k)[1].get("nfe", 0)))  # the finest fixed grid
         files.append(trajectories(samples[best], best, folder / "trajectories.png"))
     return [f for f in files if f]
+
+
+def stages_report(stage_metrics: dict[str, dict[str, float]], kind: str, folder: Path) -> list[Path]:
+    """A multi-stage graph side by side: `stages.md` (one row per stage: straightness and the
+    primary metric at every sampler setting, NFE in increasing order) and `stages.png` (quality
+    against NFE, one curve per stage and sampler, with the real-data floor)."""
+    name = PRIMARY[kind]
+    folder.mkdir(parents=True, exist_ok=True)
+    merged: dict[str, float] = {}
+    for stage, metrics in stage_metrics.items():
+        for key, value in metrics.items():
+            metric, at, label = key.partition("@")
+            if at and "untrained" not in label:
+                merged[f"{metric}@{stage}: {label}"] = value
+            elif key.endswith("_floor"):
+                merged.setdefault(key, value)
+    labels = sorted({key.partition("@")[2] for metrics in stage_metrics.values() for key in metrics
+                     if key.startswith(f"{name}@") and "untrained" not in key},
+                    key=lambda label: reading_order(f"{name}@{label}"))
+    straight = any("straightness" in m for m in stage_metrics.values())
+    head = ["stage"] + (["straightness"] if straight else []) + [f"{name} {label}" for label in labels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage, metrics in stage_metrics.items():
+        cells = [stage] + ([_cell(metrics.get("straightness"))] if straight else [])
+        cells += [_cell(metrics.get(f"{name}@{label}"), metrics.get(f"{name}_sd@{label}")) for label in labels]
+        lines.append("| " + " | ".join(cells) + " |")
+    if f"{name}_floor" in merged:
+        lines.append(f"\nreal data (floor): {merged[f'{name}_floor']:.4g}")
+    table = folder / "stages.md"
+    table.write_text("\n".join(lines) + "\n")
+    return [table, quality_vs_nfe(merged, kind, folder / "stages.png")]
+
+
+def _cell(value: float | None, sd: float | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4g} ± {sd:.2g}" if sd else f"{value:.4g}"

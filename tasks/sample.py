@@ -31,36 +31,39 @@ SCHEME = "shards-v4"  # bump when the way shards are drawn changes: stored sampl
 SamplerActor = ray.remote(num_cpus=1)(Sampler)
 
 
-def sample_folder(cfg: RunConfig, model: Ref) -> Path:
+def sample_folder(cfg: RunConfig, model: Ref, keep_start: bool = False) -> Path:
     """Where the sample sets of a model live: keyed by the model and the sampling protocol."""
     n = cfg.sample
-    return store() / "samples" / short_hash(SCHEME, model.hash, cfg.seed, n.n_samples, n.sets, n.shard_size)
+    start = ("with-starts",) if keep_start else ()
+    return store() / "samples" / short_hash(SCHEME, model.hash, cfg.seed, n.n_samples, n.sets, n.shard_size, *start)
 
 
 @task(name="sample", cache_policy=NO_CACHE)
-def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting]) -> dict[str, Ref]:
+def sample(cfg: RunConfig, model: Ref, source: Ref | None, grid: list[Setting], keep_start: bool = False) -> dict[str, Ref]:
     """Sample every grid setting with `cfg.sample.num_workers` Ray actors; one .npz per setting
-    holding its sample sets one after another (see `sample_count`).
+    holding its sample sets one after another (see `sample_count`), and with `keep_start` the
+    draw each sample started from (`x0`, row for row: what a coupling set is made of).
 
     Guarantees: a setting's file exists only once all its shards are finished and finite; a
     shard is kept on disk as soon as it is finished, so a rerun after a crash samples only the
     missing shards (and says how many it kept); a shard holding a NaN or an infinity stops
     sampling at once with a `NonFiniteError` naming the setting and the shard."""
     n, sets = cfg.sample.n_samples, cfg.sample.sets
-    out_dir = sample_folder(cfg, model)
+    out_dir = sample_folder(cfg, model, keep_start)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {s.label: out_dir / f"{s.file_stem}.npz" for s in grid}
     plan = {s.label: shards(sample_count(s, n, sets), cfg.sample.shard_size) for s in grid}
     todo = {s.label: ShardFolder(files[s.label], len(plan[s.label])) for s in grid if not files[s.label].exists()}
     jobs = [(s, i, k) for s in grid if s.label in todo for i, k in plan[s.label] if i not in todo[s.label].finished]
     if jobs:
-        _run_shards(cfg, model, source, jobs, todo)
+        _run_shards(cfg, model, source, jobs, todo, keep_start)
     for shard_folder in todo.values():
         shard_folder.assemble()
     return {s.label: Ref("samples", str(files[s.label]), file_digest(files[s.label]), model.hash) for s in grid}
 
 
-def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo: dict[str, "ShardFolder"]) -> None:
+def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo: dict[str, "ShardFolder"],
+                keep_start: bool = False) -> None:
     """Run the missing shards on Ray actors, keeping each one on disk as it arrives."""
     ensure_ray()
     source_path = str(source.path / "test.npy") if source else None
@@ -78,7 +81,7 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
             job = bar.add_task(f"sample {cfg.name}", total=len(jobs) + kept, completed=kept,
                                info=f"{len(actors)} Ray workers")
             for res in ray.util.ActorPool(actors).map_unordered(
-                lambda a, j: a.run.remote(j[0], j[1], j[2], cfg.seed, traj if j[1] == 0 else 0), jobs
+                lambda a, j: a.run.remote(j[0], j[1], j[2], cfg.seed, traj if j[1] == 0 else 0, keep_start), jobs
             ):
                 bad = int(np.size(res["x"]) - np.isfinite(res["x"]).sum())
                 if bad:
@@ -106,8 +109,9 @@ class ShardFolder:
 
     def save(self, result: dict) -> None:
         arrays = {"x": result["x"], "nfe": np.int64(result["nfe"]), "rounds": np.int64(result["rounds"])}
-        if result["trajectory"] is not None:
-            arrays["trajectory"] = result["trajectory"]
+        for key in ("trajectory", "x0"):
+            if result.get(key) is not None:
+                arrays[key] = result[key]
         self.folder.mkdir(exist_ok=True)
         write_npz(self.folder / f"{result['shard']}.npz", arrays)
         self.finished.add(result["shard"])
@@ -124,6 +128,8 @@ class ShardFolder:
                   "rounds": np.array([p.get("rounds", p["nfe"]) for p in parts], dtype=np.int64)}
         if "trajectory" in parts[0]:
             arrays["trajectory"] = parts[0]["trajectory"]
+        if "x0" in parts[0]:
+            arrays["x0"] = np.concatenate([p["x0"] for p in parts])
         write_npz(self.file, arrays)
         shutil.rmtree(self.folder)
 

@@ -38,12 +38,15 @@ from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
 MAX_FAILURES = 3
 
 
-def run_name(cfg: RunConfig, data: Ref, source: Ref | None, inputs: dict[str, Ref] | None = None) -> str:
+def run_name(cfg: RunConfig, data: Ref, source: Ref | None, inputs: dict[str, Ref] | None = None,
+             pairs: Ref | None = None, objective: dict | None = None) -> str:
     """`<name>-<hash>` of everything that changes the weights: the objective and its config,
-    the data and source versions, and every extra input (a teacher, a coupling set)."""
+    the data and source versions (or the coupling set trained on), and every extra input (a
+    teacher, the weights a stage starts from)."""
     extra = sorted((name, ref.hash) for name, ref in (inputs or {}).items())
-    identity = json.dumps(cfg.training_identity(), sort_keys=True)
-    return f"{cfg.name}-{short_hash(identity, data.hash, source.hash if source else '', *extra)}"
+    identity = {**cfg.training_identity(), **(objective or {})}
+    ends = ("pairs", pairs.hash) if pairs else (data.hash, source.hash if source else "")
+    return f"{cfg.name}-{short_hash(json.dumps(identity, sort_keys=True), *ends, *extra)}"
 
 
 def finalize(checkpoint_dir: Path, folder: Path) -> None:
@@ -60,10 +63,15 @@ def finalize(checkpoint_dir: Path, folder: Path) -> None:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str, Ref] | None = None) -> Ref:
+def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str, Ref] | None = None,
+          pairs: Ref | None = None, objective: str | None = None, options: dict | None = None) -> Ref:
     """Train (or resume, or reuse) the model for this config and data; returns the model folder.
-    `inputs` are extra model folders the objective needs (e.g. `teacher`), by name."""
-    name = run_name(cfg, data, source, inputs)
+    `inputs` are extra model folders by name: those the objective needs (e.g. `teacher`) and
+    `init`, whose weights training starts from. With `pairs` (a coupling set) batches draw its
+    paired rows instead of independent data and source rows. `objective` and its `options`
+    replace the config's objective (a stage of a multi-stage graph)."""
+    chosen = {"objective": objective, "objective_options": options or {}} if objective else None
+    name = run_name(cfg, data, source, inputs, pairs, chosen)
     folder = store() / "models" / name
     if not (folder / STATE_FILE).exists():
         ensure_ray()
@@ -77,6 +85,9 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
             "data": data.uri,
             "source": source.uri if source else None,
             "inputs": {key: ref.uri for key, ref in (inputs or {}).items()},
+            "pairs": pairs.uri if pairs else None,
+            "objective": objective,
+            "options": options or {},
             "progress": board.name,
         }
         trainer = TorchTrainer(

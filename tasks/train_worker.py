@@ -56,12 +56,18 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
-    data = _load_array(config["data"])
-    source = _load_array(config["source"]) if config.get("source") else None
+    if config.get("pairs"):  # a coupling set: row i of x0 is paired with row i of x1
+        source, data = (_load_array(config["pairs"], end) for end in ("x0", "x1"))
+    else:
+        data = _load_array(config["data"])
+        source = _load_array(config["source"]) if config.get("source") else None
     spec = cfg.model_spec(tuple(data.shape[1:]))
     model = spec.build().to(device)
     inputs = {name: load_model(Path(folder)).to(device) for name, folder in config.get("inputs", {}).items()}
-    objective = make_objective(cfg.objective, model, **inputs)
+    init = inputs.pop("init", None)
+    if init is not None:  # start from another model's weights (reflow, distillation students)
+        model.load_state_dict(init.state_dict())
+    objective = make_objective(config.get("objective") or cfg.objective, model, inputs, **config.get("options", {}))
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = {"step": 0, "losses": [], "resumed_from": []}
@@ -82,8 +88,8 @@ def train_worker(config: dict) -> None:
     local_batch = max(1, cfg.train.batch_size // world)
     coupling = getattr(cfg, "coupling", None)
     pairs = PairSampler(
-        data, local_batch, source=source, seed=cfg.seed, rank=rank,
-        coupling=make_coupling(coupling.kind, **coupling.kwargs) if coupling else None,
+        data, local_batch, source=source, seed=cfg.seed, rank=rank, paired=bool(config.get("pairs")),
+        coupling=make_coupling(coupling.kind, **coupling.kwargs) if coupling and not config.get("pairs") else None,
     )
     board = ProgressBoard.find(config.get("progress"))
     running, t_start, start = [], time.perf_counter(), state["step"]
