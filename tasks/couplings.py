@@ -25,6 +25,7 @@ from models.samplers import settings_for
 from tasks.config import RunConfig
 from tasks.data import publish, tracked_hash
 from tasks.infra import Ref, home, short_hash
+from tasks.progress import note
 from tasks.runtime import ensure_ray
 from tasks.sample import sample
 
@@ -46,6 +47,7 @@ def generate_couplings(cfg: RunConfig, model: Ref, source: Ref | None, round_: i
         f"{cfg.name}-{short_hash(SCHEME, model.hash, setting.label, r.pairs, seed, r.shard_size)}")
     digest = tracked_hash(folder)
     if digest is not None:
+        note(f"couplings {cfg.name} round {round_}: reused the coupling set {folder.name}")
         return Ref("couplings", str(folder), digest, model.hash)
     protocol = cfg.sample.model_copy(update={"n_samples": r.pairs, "sets": 1, "shard_size": r.shard_size,
                                              "num_workers": r.num_workers, "trajectories": 0})

@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig
 from tasks.infra import NonFiniteError, Ref, RunError, first_line, folder_digest, short_hash, store
-from tasks.progress import ProgressBoard, track_progress
+from tasks.progress import ProgressBoard, note, track_progress
 from tasks.runtime import ensure_ray
 from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
 
@@ -73,7 +73,9 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
     chosen = {"objective": objective, "objective_options": options or {}} if objective else None
     name = run_name(cfg, data, source, inputs, pairs, chosen)
     folder = store() / "models" / name
-    if not (folder / STATE_FILE).exists():
+    if (folder / STATE_FILE).exists():
+        note(f"train {cfg.name}: reused the finished model {name}")
+    else:
         ensure_ray()
         from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig, TrainingFailedError
         from ray.train.torch import TorchConfig, TorchTrainer
