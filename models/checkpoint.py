@@ -38,12 +38,16 @@ class ModelSpec:
     family: str = "denoiser"
 
     def build(self) -> nn.Module:
+        import models.methods  # noqa: F401  (registers every method's model family)
+
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; expected one of {', '.join(FAMILIES)}")
         return FAMILIES[self.family].build(self)
 
     def provides(self) -> frozenset[str]:
         """What samplers and likelihoods may ask of the built model (without building it)."""
+        import models.methods  # noqa: F401
+
         return FAMILIES[self.family].provides(self)
 
     @classmethod

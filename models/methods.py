@@ -1,4 +1,7 @@
 """Every method of gendag, imported once so that its objective, samplers and likelihoods are
 registered. Adding a method: write its module in ``models/`` and list it here."""
 
-from models import ddim, ddpm, flow_matching, ncsn, ode_likelihood, parallel, rectified_flow, score_sde, solvers  # noqa: F401
+from models import (  # noqa: F401
+    consistency, ddim, ddpm, flow_matching, ncsn, ode_likelihood, parallel, progressive_distillation, rectified_flow,
+    score_sde, solvers,
+)
