@@ -111,6 +111,13 @@ def _run_folder(out: Path | None, config: Path, cfg, scale: str, several: bool) 
     return out / config.stem if several else out
 
 
+def model_family(model_dir: Path) -> str:
+    """The family of a stored model (its spec), which its sampler grid runs on."""
+    from models.checkpoint import SPEC_FILE, ModelSpec
+
+    return ModelSpec.from_json((Path(model_dir) / SPEC_FILE).read_text()).family
+
+
 @app.command()
 def sample(
     model: str = typer.Argument(..., help="models:/<name>@<alias>, models:/<name>/<version>, or a run folder."),
@@ -154,7 +161,7 @@ def sample(
     folder = (out or Path("runs") / f"{version['name']}-v{version['version']}-sample").resolve()
     try:
         apply_overrides(tree, overrides)
-        cfg = validate(tree, origin, overrides)
+        cfg = validate(tree, origin, overrides, family=model_family(model_dir))
         preflight(cfg, folder, origin, overrides, model_dir=model_dir)
     except ConfigError as e:
         fail(str(e))

@@ -63,4 +63,18 @@ GRAPHS: dict[str, Graph] = {g.name: g for g in (
           "versioned by DVC), one-step distillation; straightness and quality at every NFE for each stage",
           "rectified-flow/moons", ("rectified-flow/moons", "rectified-flow/digits"),
           body="flows.stages:rectified_flow"),
+    Graph("progressive-distillation",
+          "Progressive distillation: a DDIM teacher (trained here or models:/name@alias) and K rounds of "
+          "students, each starting from its teacher and learning two of its DDIM steps in one",
+          "progressive-distillation/moons", ("progressive-distillation/moons", "progressive-distillation/digits"),
+          body="flows.stages:progressive_distillation"),
+    Graph("consistency-distillation",
+          "Consistency distillation: a consistency model from a teacher's probability-flow ODE (Euler / Heun "
+          "steps, EMA target, L2 or pseudo-Huber), sampled in one or a few steps",
+          "consistency-distillation/moons", ("consistency-distillation/moons", "consistency-distillation/digits"),
+          body="flows.stages:consistency"),
+    Graph("consistency-training",
+          "Consistency training: a consistency model without a teacher (the N(k), mu(k) schedules)",
+          "consistency-training/moons", ("consistency-training/moons", "consistency-training/digits"),
+          body="flows.stages:consistency"),
 )}

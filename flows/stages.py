@@ -1,6 +1,9 @@
 """Graphs whose trained model feeds further training stages.
 
-    rectified flow:  data -> 1-RF -> [couplings -> k-RF] x reflow.rounds -> couplings -> one-step distillation
+    rectified flow:            data -> 1-RF -> [couplings -> k-RF] x reflow.rounds -> couplings -> one-step distillation
+    progressive distillation:  data -> teacher (trained, or from the registry) -> student N/2 -> N/4 -> ...
+    consistency distillation:  data -> teacher (trained, or from the registry) -> consistency model
+    consistency training:      data -> consistency model
 
 Every stage is a model of its own: trained (or reused: a stage's run name hashes its config and
 its inputs: data, coupling set, the weights it starts from), sampled, evaluated, reported under
@@ -18,8 +21,9 @@ from flows.pipeline import Inputs, prepare_data, report, sample_and_evaluate
 from flows.summary import lineage, run_outputs, write_summary
 from tasks.config import RunConfig
 from tasks.couplings import coupling_manifest, generate_couplings, measure_straightness
-from tasks.infra import Ref
-from tasks.register import graph_run, log_graph_results, register
+from tasks.infra import Ref, folder_digest
+from tasks.register import graph_run, log_evaluation, log_graph_results, register
+from tasks.registry import fetch_model_version
 from tasks.report import stages_report
 from tasks.train import train
 
@@ -30,7 +34,7 @@ class Stage:
     cfg: RunConfig  # the stage's own config (name, train overrides, sampler grid)
     model: Ref
     tags: dict[str, str] = field(default_factory=dict)  # lineage beyond the graph's
-    straight: bool = True  # a flow whose straightness is measured (not a one-step student)
+    registered: dict | None = None  # a model taken from the registry: evaluated, not registered again
 
 
 class StageRunner:
@@ -41,17 +45,20 @@ class StageRunner:
         self.done: list[dict] = []
         self.metrics: dict[str, dict[str, float]] = {}
 
-    def finish(self, stage: Stage) -> dict:
-        first = not self.done
-        samples, metrics = sample_and_evaluate(stage.cfg, stage.model, self.inputs, baseline=first)
-        if stage.straight:
-            metrics["straightness"] = measure_straightness(stage.cfg, stage.model, self.inputs.source)
+    def finish(self, stage: Stage, extra: dict[str, float] | None = None) -> dict:
+        """Sample, evaluate (plus `extra` metrics), report and register `stage`."""
+        samples, metrics = sample_and_evaluate(stage.cfg, stage.model, self.inputs, baseline=not self.done)
+        metrics |= extra or {}
         kind, files = report(stage.cfg, self.staging / "report" / stage.cfg.name, stage.model, self.inputs,
                              samples, metrics)
         tags = lineage(stage.cfg, self.inputs.data) | stage.tags | {"gendag.stage": stage.label}
         if self.done:
             tags["gendag.parent_stage_model"] = f"{self.done[-1]['name']}/{self.done[-1]['version']}"
-        registered = register(stage.cfg, kind, stage.model, self.inputs.data, metrics, files, tags, parent=self.parent)
+        if stage.registered:
+            registered = log_evaluation(stage.cfg, stage.model, metrics, files, tags, stage.registered, parent=self.parent)
+        else:
+            registered = register(stage.cfg, kind, stage.model, self.inputs.data, metrics, files, tags,
+                                  parent=self.parent)
         self.kind, self.last = kind, (stage, metrics, registered)
         self.metrics[stage.label] = metrics
         self.done.append({"stage": stage.label, "name": registered["name"], "version": registered["version"],
@@ -59,38 +66,101 @@ class StageRunner:
                           "model_hash": stage.model.hash, **stage.tags})
         return registered
 
+    def close(self, client, out: Path) -> dict:
+        """Every stage side by side (table, plot) on the graph's run; the summary of the last stage."""
+        files = stages_report(self.metrics, self.kind, self.staging / "report")
+        log_graph_results(client, self.parent, {f"{label}/{name}": value for label, metrics in self.metrics.items()
+                                                for name, value in metrics.items()}, files)
+        last, metrics, registered = self.last
+        return write_summary(self.staging, out, last.cfg, self.inputs.data, last.model, metrics, registered, self.done)
 
-def rectified_flow(cfg: RunConfig, out: Path) -> dict:
+
+def staged(body):
+    """Run a stage graph's `body(cfg, inputs, runner)` inside its outputs folder and parent MLflow run."""
+    def graph(cfg: RunConfig, out: Path) -> dict:
+        with run_outputs(out) as staging, graph_run(cfg, lineage(cfg, None)) as (client, parent):
+            inputs = prepare_data(cfg)
+            runner = StageRunner(cfg, staging, inputs, parent)
+            body(cfg, inputs, runner)
+            return runner.close(client, out)
+    graph.__doc__ = body.__doc__
+    return graph
+
+
+@staged
+def rectified_flow(cfg: RunConfig, inputs: Inputs, stages: StageRunner) -> None:
     """1-RF -> k-RF (reflow on couplings of the previous flow) -> one-step distillation; each
     stage sampled, evaluated and registered as soon as it is trained."""
-    with run_outputs(out) as staging, graph_run(cfg, lineage(cfg, None)) as (client, parent):
-        inputs = prepare_data(cfg)
-        stages = StageRunner(cfg, staging, inputs, parent)
-        flow = cfg.stage("1rf")
-        model = train_stage(flow, inputs)
-        stages.finish(Stage("1-RF", flow, model))
-        k = 1
-        for k in range(2, cfg.reflow.rounds + 2):
-            pairs = generate_couplings(cfg, model, inputs.source, k - 1)
-            start = {"init": model} if cfg.reflow.init == "previous" else {}
-            flow = cfg.stage(f"{k}rf", cfg.reflow.train)
-            model = train_stage(flow, inputs, start, pairs)
-            stages.finish(Stage(f"{k}-RF", flow, model, couplings_tags(pairs)))
-        if cfg.distill.enabled:
-            pairs = generate_couplings(cfg, model, inputs.source, k)
-            student = cfg.stage(f"{k}rf-distill", cfg.distill.train, cfg.distill.samplers)
-            model = train_stage(student, inputs, {"init": model}, pairs, "one_step_distillation")
-            stages.finish(Stage(f"{k}-RF + distill", student, model, couplings_tags(pairs), straight=False))
-        files = stages_report(stages.metrics, stages.kind, staging / "report")
-        log_graph_results(client, parent, {f"{label}/{name}": value for label, metrics in stages.metrics.items()
-                                           for name, value in metrics.items()}, files)
-        last, metrics, registered = stages.last
-        return write_summary(staging, out, last.cfg, inputs.data, last.model, metrics, registered, stages.done)
+    def finish(stage: Stage) -> None:
+        stages.finish(stage, {"straightness": measure_straightness(stage.cfg, stage.model, inputs.source)})
+
+    flow = cfg.stage("1rf")
+    model = train_stage(flow, inputs)
+    finish(Stage("1-RF", flow, model))
+    k = 1
+    for k in range(2, cfg.reflow.rounds + 2):
+        pairs = generate_couplings(cfg, model, inputs.source, k - 1)
+        start = {"init": model} if cfg.reflow.init == "previous" else {}
+        flow = cfg.stage(f"{k}rf", cfg.reflow.train)
+        model = train_stage(flow, inputs, start, pairs)
+        finish(Stage(f"{k}-RF", flow, model, couplings_tags(pairs)))
+    if cfg.distill.enabled:
+        pairs = generate_couplings(cfg, model, inputs.source, k)
+        student = cfg.stage(f"{k}rf-distill", cfg.distill.train, cfg.distill.samplers)
+        model = train_stage(student, inputs, {"init": model}, pairs, "one_step_distillation")
+        stages.finish(Stage(f"{k}-RF + distill", student, model, couplings_tags(pairs)))
+
+
+def teacher_stage(cfg: RunConfig, inputs: Inputs, samplers) -> Stage:
+    """The teacher: the registered model `cfg.teacher`, or trained here from the config."""
+    teacher_cfg = cfg.stage("teacher", samplers=samplers)
+    if cfg.teacher:
+        version, folder, _ = fetch_model_version(cfg.teacher)
+        model = Ref("model", str(folder), folder_digest(folder), cfg.digest())
+        return Stage(f"teacher ({version['name']} v{version['version']})", teacher_cfg, model, registered=version)
+    return Stage("teacher", teacher_cfg, train_stage(teacher_cfg, inputs))
+
+
+def teacher_tags(teacher: Ref) -> dict[str, str]:
+    return {"gendag.teacher_hash": teacher.hash, "gendag.teacher_uri": teacher.uri}
+
+
+@staged
+def progressive_distillation(cfg: RunConfig, inputs: Inputs, stages: StageRunner) -> None:
+    """teacher (DDIM at 2N steps) -> student at N -> student at N/2 -> ...: each round's student
+    starts from its teacher's weights and learns two of its DDIM steps in one."""
+    ladder = cfg.distill.ladder()
+    teacher = teacher_stage(cfg, inputs, cfg.sample.samplers + cfg.distill.ddim(ladder))
+    stages.finish(teacher)
+    model = teacher.model
+    for steps in ladder[1:]:
+        student = cfg.stage(f"pd{steps}", cfg.distill.train, cfg.distill.ddim([steps]))
+        tags = teacher_tags(model)
+        model = train_stage(student, inputs, {"teacher": model, "init": model}, objective="progressive_distillation",
+                            options={"student_steps": steps})
+        stages.finish(Stage(f"PD {steps} step{'s' if steps > 1 else ''}", student, model, tags))
+
+
+@staged
+def consistency(cfg: RunConfig, inputs: Inputs, stages: StageRunner) -> None:
+    """Consistency distillation (teacher -> consistency model) or consistency training (no teacher)."""
+    c = cfg.consistency
+    start: dict[str, Ref] = {}
+    objective = "consistency_training"
+    if cfg.graph == "consistency-distillation":
+        teacher = teacher_stage(cfg, inputs, cfg.sample.samplers)
+        stages.finish(teacher)
+        start, objective = {"teacher": teacher.model, "init": teacher.model}, "consistency_distillation"
+    suffix, label = ("cd", "CD") if start else ("ct", "CT")
+    student = cfg.stage(suffix, c.train, c.samplers)
+    model = train_stage(student, inputs, start, objective=objective, family="consistency",
+                        options=c.options(objective, student.train.steps))
+    stages.finish(Stage(label, student, model, teacher_tags(start["teacher"]) if start else {}))
 
 
 def train_stage(cfg: RunConfig, inputs: Inputs, start: dict[str, Ref] | None = None, pairs: Ref | None = None,
-                objective: str | None = None) -> Ref:
-    return train(cfg, inputs.data, inputs.source, start, pairs=pairs, objective=objective)
+                objective: str | None = None, **kwargs) -> Ref:
+    return train(cfg, inputs.data, inputs.source, start, pairs=pairs, objective=objective, **kwargs)
 
 
 def couplings_tags(pairs: Ref) -> dict[str, str]:

@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from models.checkpoint import ModelSpec
 from models.likelihoods import get_likelihood
 from models.parameterization import PARAMETERIZATIONS
 from models.paths import make_scheduler
 from models.samplers import get_sampler, settings_for, time_grid
-from tasks.config_sections import (AnyPath, CondOTPath, CouplingConfig, DataConfig, DDPMPath, DistillConfig,
+from tasks.config_sections import (AnyPath, CondOTPath, ConsistencySection, CouplingConfig, DataConfig, DDPMPath,
+                                    DistillConfig, ProgressiveConfig,
                                     EvaluateConfig, ModelConfig, NCSNPath, ReflowConfig, RegisterConfig, SampleConfig,
                                     SamplerConfig, SourceConfig, Strict, SubVPPath, TrainConfig, VEPath, VPPath,
                                     MAX_SEED, _safe_name, merged_train)
@@ -67,7 +68,7 @@ class RunConfig(Strict):
         return _safe_name(v)
 
     @model_validator(mode="after")
-    def _method_fits(self):
+    def _method_fits(self, info: ValidationInfo):
         if self.model.parameterization not in self.parameterizations:
             raise ValueError(f"model.parameterization: got '{self.model.parameterization}'; graph "
                              f"'{self.graph}' trains one of {', '.join(self.parameterizations)}")
@@ -76,10 +77,12 @@ class RunConfig(Strict):
             scheduler = make_scheduler(self.path.scheduler, **self.path.kwargs())
         except ValueError as e:
             raise ValueError(f"path.{e}") from None
-        for where, entries in self.sampler_lists().items():
+        stage_family = (info.context or {}).get("family")  # a stage's config: its grid runs on its model
+        for where, (entries, family) in self.sampler_lists().items():
+            family = stage_family if stage_family and where == "sample.samplers" else family
             named = {f"{where}.{i}": e for i, e in enumerate(entries)} if isinstance(entries, list) else {where: entries}
             for key, entry in named.items():
-                self._sampler_fits(key, entry, provides, scheduler)
+                self._sampler_fits(key, entry, self.provides(family), scheduler)
         for name in self.evaluate.likelihood:
             try:
                 missing = get_likelihood(name).needs - provides
@@ -100,9 +103,10 @@ class RunConfig(Strict):
             except ValueError as e:
                 raise ValueError(f"{where}.{e}") from None
 
-    def sampler_lists(self) -> dict[str, list[SamplerConfig] | SamplerConfig]:
-        """Every sampler the graph runs, by the key it is set at (a graph with stages adds theirs)."""
-        return {"sample.samplers": self.sample.samplers}
+    def sampler_lists(self) -> dict[str, tuple[list[SamplerConfig] | SamplerConfig, str]]:
+        """Every sampler the graph runs, by the key it is set at, with the model family it runs on
+        (a graph with stages adds theirs)."""
+        return {"sample.samplers": (self.sample.samplers, "denoiser")}
 
     def stage(self, suffix: str, train: dict[str, Any] | None = None,
               samplers: list[SamplerConfig] | None = None) -> "RunConfig":
@@ -124,9 +128,11 @@ class RunConfig(Strict):
     def model_name(self) -> str:
         return self.registry.model_name or f"gendag-{self.name}"
 
-    def model_spec(self, data_shape: tuple[int, ...]) -> ModelSpec:
-        """The model this config trains, for data of `data_shape`."""
+    def model_spec(self, data_shape: tuple[int, ...], family: str = "denoiser") -> ModelSpec:
+        """The model this config trains, for data of `data_shape` (a stage may train another family
+        around the same network, e.g. a consistency model)."""
         return ModelSpec(
+            family=family,
             network=self.model.network,
             data_shape=tuple(data_shape),
             parameterization=self.model.parameterization,
@@ -135,10 +141,10 @@ class RunConfig(Strict):
             scheduler_kwargs=self.path.kwargs(),
         )
 
-    def provides(self) -> frozenset[str]:
+    def provides(self, family: str = "denoiser") -> frozenset[str]:
         """What the trained model offers samplers (its family's list, plus a Gaussian source)."""
         extra = {"gaussian_source"} if self.source_config.name == "gaussian" else set()
-        return self.model_spec(()).provides() | extra
+        return self.model_spec((), family).provides() | extra
 
     def training_identity(self) -> dict:
         """Everything that changes the trained weights (data enter through their hashes)."""
@@ -228,14 +234,80 @@ class RectifiedFlowConfig(RunConfig):
         merged_train(self.train, self.distill.train, "distill.train")
         return self
 
-    def sampler_lists(self) -> dict[str, list[SamplerConfig] | SamplerConfig]:
-        return {**super().sampler_lists(), "reflow.solver": self.reflow.solver,
-                "distill.samplers": self.distill.samplers}
+    def sampler_lists(self) -> dict[str, tuple[list[SamplerConfig] | SamplerConfig, str]]:
+        return {**super().sampler_lists(), "reflow.solver": (self.reflow.solver, "denoiser"),
+                "distill.samplers": (self.distill.samplers, "denoiser")}
 
     def training_identity(self) -> dict:
         """1-RF's weights do not depend on the later stages' settings (each stage's run adds its own)."""
         identity = super().training_identity()
         return {k: v for k, v in identity.items() if k not in ("reflow", "distill")}
+
+
+class _TeacherGraph(RunConfig):
+    """A graph whose students learn from a teacher: taken from the registry (`teacher:
+    models:/<name>@<alias>`) or trained first by the graph from the `model`, `path` and `train`
+    sections (flow matching on a continuous path, DDPM on the discrete one)."""
+
+    teacher: str | None = None
+
+    @field_validator("teacher")
+    @classmethod
+    def _reference(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"models:/[^@/]+(@[\w-]+|/\d+)", v):
+            raise ValueError(f"got {v!r}; expected models:/<name>@<alias> or models:/<name>/<version>")
+        return v
+
+    @property
+    def objective(self) -> str:  # type: ignore[override]
+        return "ddpm" if self.path.scheduler == "ddpm" else "flow_matching"
+
+    def training_identity(self) -> dict:
+        """The teacher's weights do not depend on the students' settings."""
+        identity = super().training_identity()
+        return {k: v for k, v in identity.items() if k not in ("distill", "consistency", "teacher")}
+
+
+class ProgressiveDistillationConfig(_TeacherGraph):
+    """Progressive distillation: DDIM students halving the teacher's steps round by round."""
+
+    graph: Literal["progressive-distillation"]
+    path: Annotated[Union[CondOTPath, VPPath, DDPMPath], Field(discriminator="scheduler")] = CondOTPath()
+    distill: ProgressiveConfig = ProgressiveConfig()
+    parameterizations: ClassVar[tuple[str, ...]] = ("velocity", "x1", "v")  # epsilon cannot give x1 where alpha = 0
+
+    @model_validator(mode="after")
+    def _rounds_fit(self):
+        merged_train(self.train, self.distill.train, "distill.train")
+        steps = self.distill.teacher_steps
+        if steps % 2 ** self.distill.rounds:
+            raise ValueError(f"distill.teacher_steps: {steps} cannot be halved {self.distill.rounds} times "
+                             f"(distill.rounds); expected a multiple of {2 ** self.distill.rounds}")
+        return self
+
+    def sampler_lists(self) -> dict[str, tuple[list[SamplerConfig] | SamplerConfig, str]]:
+        return {**super().sampler_lists(), "distill.teacher_steps": (self.distill.ddim(self.distill.ladder()), "denoiser")}
+
+
+class ConsistencyConfig(_TeacherGraph):
+    """Consistency models: distilled from a teacher's probability-flow ODE, or trained alone."""
+
+    graph: Literal["consistency-distillation", "consistency-training"]
+    path: AnyPath = CondOTPath()
+    consistency: ConsistencySection = ConsistencySection()
+    parameterizations: ClassVar[tuple[str, ...]] = ("velocity", "x1", "v", "epsilon")
+
+    @model_validator(mode="after")
+    def _stage_fits(self):
+        merged_train(self.train, self.consistency.train, "consistency.train")
+        if self.graph == "consistency-training" and self.teacher:
+            raise ValueError("teacher: consistency training learns without a teacher; "
+                             "use the consistency-distillation graph")
+        return self
+
+    def sampler_lists(self) -> dict[str, tuple[list[SamplerConfig] | SamplerConfig, str]]:
+        student = {"consistency.samplers": (self.consistency.samplers, "consistency")}
+        return student if self.graph == "consistency-training" else {**super().sampler_lists(), **student}
 
 
 def schemas() -> dict[str, type[RunConfig]]:
@@ -365,9 +437,10 @@ def apply_overrides(tree: dict, overrides: list[str]) -> None:
         _set_dotted(tree, *parse_override(item), origin=f"--set {item!r}")
 
 
-def validate(tree: dict, origin: str, overrides: list[str] = ()) -> RunConfig:
+def validate(tree: dict, origin: str, overrides: list[str] = (), family: str | None = None) -> RunConfig:
     """Validate a config tree with the schema its `graph:` names; errors name `origin` (the
-    file), or the `--set` that set the offending key."""
+    file), or the `--set` that set the offending key. A stage's config (`RunConfig.stage`) is
+    validated with the `family` of the model it trains: its sampler grid runs on that model."""
     known = schemas()
     graph = tree.get("graph")
     if graph not in known:
@@ -375,7 +448,7 @@ def validate(tree: dict, origin: str, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{origin}: graph: {what}; expected one of {', '.join(sorted(known))}")
     schema = known[graph]
     try:
-        return schema.model_validate(tree)
+        return schema.model_validate(tree, context={"family": family})
     except ValidationError as e:
         raise blame(_format_error(e, schema), origin, overrides) from None
 

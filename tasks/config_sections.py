@@ -284,3 +284,46 @@ class DistillConfig(Strict):
     enabled: StrictBool = True
     train: dict[str, Any] = {}  # overrides of the run's train section
     samplers: Annotated[list[SamplerConfig], Field(min_length=1)] = [SamplerConfig(method="euler", nfe=[1])]
+
+
+class ProgressiveConfig(Strict):
+    """Progressive distillation (Salimans & Ho 2022): round r's student starts from its teacher (the
+    previous round's student) and learns two of its DDIM steps in one, `teacher_steps / 2^r` steps."""
+
+    teacher_steps: PositiveInt = 64  # the first teacher's DDIM steps
+    rounds: PositiveInt = 3
+    train: dict[str, Any] = {}  # overrides of the run's train section for every round
+
+    def ladder(self) -> list[int]:
+        """The step counts, teacher first: 64, 32, 16, 8 for 3 rounds."""
+        return [self.teacher_steps // 2**r for r in range(self.rounds + 1)]
+
+    @staticmethod
+    def ddim(steps: list[int]) -> list[SamplerConfig]:
+        """Deterministic DDIM at these step counts: how every round is sampled."""
+        return [SamplerConfig(method="ddim", nfe=sorted(steps), eta=0.0)]
+
+
+class ConsistencySection(Strict):
+    """A consistency model's training (Song et al. 2023): distillation from the teacher's
+    probability-flow ODE in `steps` intervals (`solver`), or training alone with the N(k), mu(k)
+    schedules (`s0`, `s1`, `mu0`); the target network's EMA decay; the distance."""
+
+    steps: Annotated[int, Field(ge=2, strict=True)] = 18  # N of distillation
+    solver: Literal["euler", "midpoint", "heun", "rk4"] = "heun"
+    target_decay: Annotated[Float, Field(ge=0, le=1)] = 0.95
+    distance: Literal["l2", "pseudo_huber"] = "l2"
+    spacing: Literal["uniform", "karras"] = "uniform"
+    s0: Annotated[int, Field(ge=2, strict=True)] = 2
+    s1: Annotated[int, Field(ge=2, strict=True)] = 150
+    mu0: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    train: dict[str, Any] = {}  # overrides of the run's train section for the consistency model
+    samplers: Annotated[list[SamplerConfig], Field(min_length=1)] = [SamplerConfig(method="consistency", nfe=[1, 2])]
+
+    def options(self, objective: str, total_steps: int) -> dict[str, Any]:
+        """The keyword options of `objective` (models.consistency) from this section."""
+        if objective == "consistency_distillation":
+            return {"steps": self.steps, "solver": self.solver, "target_decay": self.target_decay,
+                    "distance": self.distance, "spacing": self.spacing}
+        return {"total_steps": total_steps, "s0": self.s0, "s1": self.s1, "mu0": self.mu0,
+                "distance": self.distance, "spacing": self.spacing}

@@ -65,6 +65,7 @@ def preflight(cfg: RunConfig, out: Path, origin: str, overrides: Sequence[str] =
     writable(out, "output folder", "; choose another with --out")
     try:
         data = _check_data(cfg, model_dir)
+        _check_teacher(cfg, data.shape)
         params = 0
         if model_dir is None:
             params = _check_network(cfg, data.shape)
@@ -84,6 +85,42 @@ def require_registry(reference: str) -> None:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"{reference}: no MLflow registry here ({uri} does not exist); "
                           "`gendag run` registers models, or set MLFLOW_TRACKING_URI")
+
+
+def _check_teacher(cfg: RunConfig, shape: tuple[int, ...]) -> None:
+    """A graph's registered teacher (`teacher: models:/...`) exists, is a denoiser (a network on a
+    Gaussian path: what DDIM and probability-flow ODE steps run on) and is the model the config
+    describes, since its students start from its weights."""
+    reference = getattr(cfg, "teacher", None)
+    if not reference:
+        return
+    from dataclasses import asdict
+
+    from models.checkpoint import SPEC_FILE, ModelSpec
+    from tasks.infra import configure_environment
+    from tasks.registry import RegistryError, fetch_model_version
+
+    try:
+        require_registry(reference)
+    except ConfigError as e:
+        raise PreflightError(f"teacher: {e}") from None
+    configure_environment()
+    try:
+        _, folder, _ = fetch_model_version(reference)
+    except RegistryError as e:
+        raise PreflightError(f"teacher: {e}") from None
+    spec = ModelSpec.from_json((folder / SPEC_FILE).read_text())
+    if spec.family != "denoiser":
+        raise PreflightError(f"teacher: {reference} is a '{spec.family}' model; graph '{cfg.graph}' needs a "
+                             "denoiser (a network on a Gaussian path) to take DDIM or probability-flow ODE steps with")
+    wanted = asdict(cfg.model_spec(shape))
+    differ = [k for k, v in asdict(spec).items() if (list(v) if isinstance(v, tuple) else v) != (
+        list(wanted[k]) if isinstance(wanted[k], tuple) else wanted[k])]
+    if differ:
+        key = differ[0]
+        raise PreflightError(f"teacher: {reference} has {key} {getattr(spec, key)!r} but this config's model has "
+                             f"{wanted[key]!r}; set the model and path sections to the teacher's (its students "
+                             "start from its weights)")
 
 
 def writable(folder: Path, what: str, hint: str = "") -> None:

@@ -194,13 +194,15 @@ def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str
 
 @task(name="log-evaluation", cache_policy=NO_CACHE)
 def log_evaluation(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_files: list[Path],
-                   lineage: dict[str, str], version: dict) -> dict:
+                   lineage: dict[str, str], version: dict, parent: str | None = None) -> dict:
     """An MLflow run for a new evaluation of a registered model version (no new version, no
-    alias moved), tagged with the version it evaluated and its training run."""
+    alias moved), tagged with the version it evaluated and its training run (nested in `parent`)."""
     require_finite(metrics, f"log-evaluation {cfg.name}")
     tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **lineage,
             "gendag.evaluated_model": f"{version['name']}/{version['version']}",
             "gendag.evaluated_model_run_id": version["run_id"]}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
     with recorded_run(cfg, model, metrics, report_files, tags, log_model=False) as (_, run_id, _):
         pass
     return {"run_id": run_id, "name": version["name"], "version": int(version["version"]), "aliases": []}

@@ -49,7 +49,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = validate(config["run"], "run config")
+    cfg = validate(config["run"], "run config", family=config.get("family"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
@@ -61,7 +61,7 @@ def train_worker(config: dict) -> None:
     else:
         data = _load_array(config["data"])
         source = _load_array(config["source"]) if config.get("source") else None
-    spec = cfg.model_spec(tuple(data.shape[1:]))
+    spec = cfg.model_spec(tuple(data.shape[1:]), config.get("family", "denoiser"))
     model = spec.build().to(device)
     inputs = {name: load_model(Path(folder)).to(device) for name, folder in config.get("inputs", {}).items()}
     init = inputs.pop("init", None)

@@ -58,7 +58,7 @@ def test_digest_changes_with_numbers_only_when_values_change() -> None:
         (MOONS, ["sample.samplers=[{method: dopri5, nfe: [4]}]"], "sampler 'dopri5' is adaptive"),
         (MOONS, ["sample.samplers=[{method: heun, nfe: [3]}]"], "sample.samplers.0.nfe: sampler 'heun' uses 2 evaluations per step"),
         (MOONS, ["sample.samplers=[{method: dopri5, atol: -1}]"], "sample.samplers.0.atol: got -1; expected a number in"),
-        (MOONS, ["sample.samplers=[{method: leapfrog, nfe: [2]}]"], "unknown sampler 'leapfrog'; expected one of ancestral, annealed_langevin, ddim"),
+        (MOONS, ["sample.samplers=[{method: leapfrog, nfe: [2]}]"], "unknown sampler 'leapfrog'; expected one of ancestral, annealed_langevin, consistency, ddim"),
         (MOONS, ["sample.samplers=[{method: ddim, nfe: [4]}]"], "sample.samplers.0.method: sampler 'ddim' needs a Gaussian source"),
         (MOONS, ["sample.samplers=[]"], "sample.samplers: got []"),
         (MOONS, ["path.scheduler=vp", "path.betas=1"], "--set 'path.betas=1': path.betas: unknown key; valid keys: scheduler, beta_min, beta_max"),
@@ -101,7 +101,7 @@ def test_bad_files_and_scales(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML at line 4"):
         load_config(tmp_path / "broken.yaml")
     (tmp_path / "nograph.yaml").write_text("name: x\n")
-    with pytest.raises(ConfigError, match="graph: required key is missing; expected one of ddim, ddpm, flow-matching"):
+    with pytest.raises(ConfigError, match="graph: required key is missing; expected one of consistency-distillation, consistency-training, ddim, ddpm, flow-matching"):
         load_config(tmp_path / "nograph.yaml")
     (tmp_path / "badscales.yaml").write_text(MOONS.read_text().replace("  tiny:\n", "  tiny: 5\n  xtiny:\n", 1))
     with pytest.raises(ConfigError, match="scales: expected a mapping"):

@@ -107,3 +107,67 @@ def test_a_second_run_reuses_every_finished_stage(rf: dict, workspace: Path) -> 
     again = json.loads((out / "summary.json").read_text())
     assert [s["model_hash"] for s in again["stages"]] == [s["model_hash"] for s in rf["stages"]]
     assert again["metrics"] == rf["metrics"]
+
+
+PD = ["run", "progressive-distillation", "-c", "progressive-distillation/moons", "--scale", "tiny"]
+DDIM = "w2@ddim,nfe={},eta=0,spacing=trailing"
+
+
+@pytest.fixture(scope="module")
+def pd(workspace: Path) -> dict:
+    return gendag(*PD, "--out", str(workspace / "runs" / "pd"))
+
+
+def test_progressive_distillation_students_match_their_teachers_at_twice_the_steps(pd: dict) -> None:
+    """teacher at 4 DDIM steps -> student at 2 -> student at 1; each student (tiny scale) within
+    1.2x of its teacher at twice its steps, and each round's teacher is the previous stage."""
+    from mlflow import MlflowClient
+
+    assert [s["stage"] for s in pd["stages"]] == ["teacher", "PD 2 steps", "PD 1 step"]
+    metrics = [MlflowClient().get_run(s["mlflow_run_id"]).data.metrics for s in pd["stages"]]
+    name = lambda n: DDIM.format(n).replace("@", "/").replace("=", "_").replace(",", "/")  # noqa: E731
+    assert metrics[1][name(2)] < 1.2 * metrics[0][name(4)]
+    assert metrics[2][name(1)] < 1.2 * metrics[1][name(2)]
+    assert metrics[2][name(1)] < 0.7 * metrics[0][name(1)]  # and far better than the teacher at one step
+    for teacher, student in zip(pd["stages"], pd["stages"][1:]):
+        assert student["gendag.teacher_hash"] == teacher["model_hash"]
+
+
+def test_a_registered_teacher_of_the_wrong_kind_or_missing_is_refused_before_any_work(pd: dict, workspace: Path) -> None:
+    from graph_runs import gendag_error
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    before = len(client.search_model_versions())
+    out = workspace / "runs" / "pd-refused"
+    missing = gendag_error(*PD, "--out", str(out), "--set", "teacher=models:/nope@champion")
+    assert "teacher: models:/nope@champion: the registry has no model 'nope'" in missing
+    student = pd["stages"][-1]["name"]
+    narrow = gendag_error(*PD, "--out", str(out), "--set", f"teacher=models:/{pd['stages'][0]['name']}@champion",
+                          "--set", "model.kwargs.hidden=32")
+    assert "network_kwargs" in narrow and "set the model and path sections to the teacher's" in narrow
+    cd = gendag(*CD, "--out", str(workspace / "runs" / "cd"))
+    wrong = gendag_error(*PD, "--out", str(out), "--set", f"teacher=models:/{cd['stages'][-1]['name']}@champion")
+    assert "is a 'consistency' model" in wrong and "needs a denoiser" in wrong
+    assert not out.exists() and student  # nothing was written for the refused runs
+    assert len(client.search_model_versions()) == before + 2  # the CD graph's teacher and student only
+
+
+CD = ["run", "consistency-distillation", "-c", "consistency-distillation/moons", "--scale", "tiny"]
+CT = ["run", "consistency-training", "-c", "consistency-training/moons", "--scale", "tiny"]
+
+
+def test_consistency_distillation_and_training_sample_in_one_step(workspace: Path) -> None:
+    """A consistency model distilled from a teacher beats the teacher's one Euler step at one step;
+    one trained alone beats its untrained network; `gendag sample` re-samples a consistency model."""
+    from mlflow import MlflowClient
+
+    cd = json.loads((workspace / "runs" / "cd" / "summary.json").read_text()) if (
+        workspace / "runs" / "cd" / "summary.json").exists() else gendag(*CD, "--out", str(workspace / "runs" / "cd"))
+    teacher, student = (MlflowClient().get_run(s["mlflow_run_id"]).data.metrics for s in cd["stages"])
+    assert student["w2/consistency/nfe_1"] < 0.8 * teacher["w2/euler/nfe_1"]
+    ct = gendag(*CT, "--out", str(workspace / "runs" / "ct"))
+    assert ct["metrics"]["w2@consistency,nfe=1"] < 0.95 * ct["metrics"]["w2@consistency,nfe=2,untrained"]
+    again = gendag("sample", f"models:/{cd['registered_model']['name']}@champion", "--sampler",
+                   "{method: consistency, nfe: [1, 4]}", "--out", str(workspace / "runs" / "cd-again"))
+    assert again["metrics"]["w2@consistency,nfe=1"] == cd["metrics"]["w2@consistency,nfe=1"]
