@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run_all.py [--quick] [--only a,c] [--json results.json]
 
 (a) parallel_sampling.py   (b) orchestration_overhead.py   (c) solver_overhead.py   (d) ot_coupling.py
+(h) coupling_generation.py
 Each script can also be run alone; see its docstring. `--quick` is passed on.
 (e) fid_protocol_noise.py, (f) ddim_table.py and (g) parallel_picard.py measure a finished run's
 model (`--run <run folder>`), so they are run alone, after the run.
@@ -28,8 +29,9 @@ BENCHMARKS = {  # letter -> (script, headline keys shown in the table)
     "d": ("ot_coupling.py", ["long run (3000 steps) OT pooled x", "OT synchronous x", "OT prefetch, 1 thread x",
                              "OT prefetch, 2 threads x",
                              "independent ms/step"]),
+    "h": ("coupling_generation.py", ["speed-up", "identical sets", "1 worker s", "2 workers s"]),
 }
-ORDER = "cdab"
+ORDER = "cdabh"
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ every stage side by side (`report/stages.md`, `report/stages.png`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class Stage:
     model: Ref
     tags: dict[str, str] = field(default_factory=dict)  # lineage beyond the graph's
     registered: dict | None = None  # a model taken from the registry: evaluated, not registered again
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of its work (train, couplings; ~0 if reused)
 
 
 class StageRunner:
@@ -44,6 +46,7 @@ class StageRunner:
         self.cfg, self.staging, self.inputs, self.parent = cfg, staging, inputs, parent
         self.done: list[dict] = []
         self.metrics: dict[str, dict[str, float]] = {}
+        self.seconds: dict[str, dict[str, float]] = {}
 
     def finish(self, stage: Stage, extra: dict[str, float] | None = None) -> dict:
         """Sample, evaluate (plus `extra` metrics), report and register `stage`."""
@@ -60,17 +63,18 @@ class StageRunner:
             registered = register(stage.cfg, kind, stage.model, self.inputs.data, metrics, files, tags,
                                   parent=self.parent)
         self.kind, self.last = kind, (stage, metrics, registered)
-        self.metrics[stage.label] = metrics
+        self.metrics[stage.label], self.seconds[stage.label] = metrics, stage.seconds
         self.done.append({"stage": stage.label, "name": registered["name"], "version": registered["version"],
                           "mlflow_run_id": registered["run_id"], "model_uri": stage.model.uri,
-                          "model_hash": stage.model.hash, **stage.tags})
+                          "model_hash": stage.model.hash, "seconds": stage.seconds, **stage.tags})
         return registered
 
     def close(self, client, out: Path) -> dict:
         """Every stage side by side (table, plot) on the graph's run; the summary of the last stage."""
-        files = stages_report(self.metrics, self.kind, self.staging / "report")
-        log_graph_results(client, self.parent, {f"{label}/{name}": value for label, metrics in self.metrics.items()
-                                                for name, value in metrics.items()}, files)
+        files = stages_report(self.metrics, self.kind, self.staging / "report", self.seconds)
+        results = {f"{label}/{name}": value for label, metrics in self.metrics.items() for name, value in metrics.items()}
+        results |= {f"{label}/seconds_{what}": value for label, spent in self.seconds.items() for what, value in spent.items()}
+        log_graph_results(client, self.parent, results, files)
         last, metrics, registered = self.last
         return write_summary(self.staging, out, last.cfg, self.inputs.data, last.model, metrics, registered, self.done)
 
@@ -95,20 +99,21 @@ def rectified_flow(cfg: RunConfig, inputs: Inputs, stages: StageRunner) -> None:
         stages.finish(stage, {"straightness": measure_straightness(stage.cfg, stage.model, inputs.source)})
 
     flow = cfg.stage("1rf")
-    model = train_stage(flow, inputs)
-    finish(Stage("1-RF", flow, model))
+    model, seconds = timed(train_stage, flow, inputs)
+    finish(Stage("1-RF", flow, model, seconds={"train": seconds}))
     k = 1
     for k in range(2, cfg.reflow.rounds + 2):
-        pairs = generate_couplings(cfg, model, inputs.source, k - 1)
+        pairs, paired = timed(generate_couplings, cfg, model, inputs.source, k - 1)
         start = {"init": model} if cfg.reflow.init == "previous" else {}
         flow = cfg.stage(f"{k}rf", cfg.reflow.train)
-        model = train_stage(flow, inputs, start, pairs)
-        finish(Stage(f"{k}-RF", flow, model, couplings_tags(pairs)))
+        model, seconds = timed(train_stage, flow, inputs, start, pairs)
+        finish(Stage(f"{k}-RF", flow, model, couplings_tags(pairs), seconds={"couplings": paired, "train": seconds}))
     if cfg.distill.enabled:
-        pairs = generate_couplings(cfg, model, inputs.source, k)
+        pairs, paired = timed(generate_couplings, cfg, model, inputs.source, k)
         student = cfg.stage(f"{k}rf-distill", cfg.distill.train, cfg.distill.samplers)
-        model = train_stage(student, inputs, {"init": model}, pairs, "one_step_distillation")
-        stages.finish(Stage(f"{k}-RF + distill", student, model, couplings_tags(pairs)))
+        model, seconds = timed(train_stage, student, inputs, {"init": model}, pairs, "one_step_distillation")
+        stages.finish(Stage(f"{k}-RF + distill", student, model, couplings_tags(pairs),
+                            seconds={"couplings": paired, "train": seconds}))
 
 
 def teacher_stage(cfg: RunConfig, inputs: Inputs, samplers) -> Stage:
@@ -118,7 +123,8 @@ def teacher_stage(cfg: RunConfig, inputs: Inputs, samplers) -> Stage:
         version, folder, _ = fetch_model_version(cfg.teacher)
         model = Ref("model", str(folder), folder_digest(folder), cfg.digest())
         return Stage(f"teacher ({version['name']} v{version['version']})", teacher_cfg, model, registered=version)
-    return Stage("teacher", teacher_cfg, train_stage(teacher_cfg, inputs))
+    model, seconds = timed(train_stage, teacher_cfg, inputs)
+    return Stage("teacher", teacher_cfg, model, seconds={"train": seconds})
 
 
 def teacher_tags(teacher: Ref) -> dict[str, str]:
@@ -136,9 +142,9 @@ def progressive_distillation(cfg: RunConfig, inputs: Inputs, stages: StageRunner
     for steps in ladder[1:]:
         student = cfg.stage(f"pd{steps}", cfg.distill.train, cfg.distill.ddim([steps]))
         tags = teacher_tags(model)
-        model = train_stage(student, inputs, {"teacher": model, "init": model}, objective="progressive_distillation",
-                            options={"student_steps": steps})
-        stages.finish(Stage(f"PD {steps} step{'s' if steps > 1 else ''}", student, model, tags))
+        model, seconds = timed(train_stage, student, inputs, {"teacher": model, "init": model},
+                               objective="progressive_distillation", options={"student_steps": steps})
+        stages.finish(Stage(f"PD {steps} step{'s' if steps > 1 else ''}", student, model, tags, seconds={"train": seconds}))
 
 
 @staged
@@ -153,9 +159,16 @@ def consistency(cfg: RunConfig, inputs: Inputs, stages: StageRunner) -> None:
         start, objective = {"teacher": teacher.model, "init": teacher.model}, "consistency_distillation"
     suffix, label = ("cd", "CD") if start else ("ct", "CT")
     student = cfg.stage(suffix, c.train, c.samplers)
-    model = train_stage(student, inputs, start, objective=objective, family="consistency",
-                        options=c.options(objective, student.train.steps))
-    stages.finish(Stage(label, student, model, teacher_tags(start["teacher"]) if start else {}))
+    model, seconds = timed(train_stage, student, inputs, start, objective=objective, family="consistency",
+                           options=c.options(objective, student.train.steps))
+    stages.finish(Stage(label, student, model, teacher_tags(start["teacher"]) if start else {},
+                        seconds={"train": seconds}))
+
+
+def timed(work, *args, **kwargs):
+    """(work's result, its wall time in seconds)."""
+    began = time.perf_counter()
+    return work(*args, **kwargs), round(time.perf_counter() - began, 1)
 
 
 def train_stage(cfg: RunConfig, inputs: Inputs, start: dict[str, Ref] | None = None, pairs: Ref | None = None,

@@ -203,10 +203,13 @@ def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np
     return [f for f in files if f]
 
 
-def stages_report(stage_metrics: dict[str, dict[str, float]], kind: str, folder: Path) -> list[Path]:
-    """A multi-stage graph side by side: `stages.md` (one row per stage: straightness and the
-    primary metric at every sampler setting, NFE in increasing order) and `stages.png` (quality
-    against NFE, one curve per stage and sampler, with the real-data floor)."""
+def stages_report(stage_metrics: dict[str, dict[str, float]], kind: str, folder: Path,
+                  seconds: dict[str, dict[str, float]] | None = None) -> list[Path]:
+    """A multi-stage graph side by side: `stages.md` (one row per stage: the wall time of its work,
+    straightness and the primary metric at every sampler setting, NFE in increasing order) and
+    `stages.png` (quality against NFE, one curve per stage and sampler, with the real-data floor)."""
+    seconds = seconds or {}
+    spent = sorted({what for times in seconds.values() for what in times}, reverse=True)  # train, couplings
     name = PRIMARY[kind]
     folder.mkdir(parents=True, exist_ok=True)
     merged: dict[str, float] = {}
@@ -221,10 +224,12 @@ def stages_report(stage_metrics: dict[str, dict[str, float]], kind: str, folder:
                      if key.startswith(f"{name}@") and "untrained" not in key},
                     key=lambda label: reading_order(f"{name}@{label}"))
     straight = any("straightness" in m for m in stage_metrics.values())
-    head = ["stage"] + (["straightness"] if straight else []) + [f"{name} {label}" for label in labels]
+    head = ["stage"] + [f"{what} s" for what in spent] + (["straightness"] if straight else [])
+    head += [f"{name} {label}" for label in labels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage, metrics in stage_metrics.items():
-        cells = [stage] + ([_cell(metrics.get("straightness"))] if straight else [])
+        cells = [stage] + [_cell(seconds.get(stage, {}).get(what)) for what in spent]
+        cells += [_cell(metrics.get("straightness"))] if straight else []
         cells += [_cell(metrics.get(f"{name}@{label}"), metrics.get(f"{name}_sd@{label}")) for label in labels]
         lines.append("| " + " | ".join(cells) + " |")
     if f"{name}_floor" in merged:

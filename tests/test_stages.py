@@ -171,3 +171,29 @@ def test_consistency_distillation_and_training_sample_in_one_step(workspace: Pat
     again = gendag("sample", f"models:/{cd['registered_model']['name']}@champion", "--sampler",
                    "{method: consistency, nfe: [1, 4]}", "--out", str(workspace / "runs" / "cd-again"))
     assert again["metrics"]["w2@consistency,nfe=1"] == cd["metrics"]["w2@consistency,nfe=1"]
+
+
+@pytest.mark.slow
+def test_a_distillation_round_killed_midway_finishes_as_an_uninterrupted_one(pd: dict, workspace: Path) -> None:
+    """Kill the graph during the first student's training (after its first checkpoint), run it again:
+    the round resumes from its checkpoint and every stage ends bit-identical to the uninterrupted graph."""
+    from graph_runs import kill_group, start_gendag, wait_for
+    from safetensors.torch import load_file
+
+    args = [*PD, "--set", "name=pd-resume", "--set", "distill.train={steps: 100, checkpoint_every: 25}",
+            "--out", str(workspace / "runs" / "pd-resume")]
+    child = start_gendag(workspace, *args)
+    ray_runs = workspace / ".gendag" / "ray"
+    wait_for(lambda: list(ray_runs.glob("pd-resume-pd2-*/checkpoint_manager_snapshot.json")), "a student checkpoint",
+             child)
+    kill_group(child)
+    models = workspace / ".gendag" / "models"
+    assert not list(models.glob("pd-resume-pd2-*")), "the round finished before the kill"
+    resumed = gendag(*args)
+    state = json.loads(next(models.glob("pd-resume-pd2-*/state.json")).read_text())
+    assert state["resumed_from"] and state["resumed_from"][0] > 0
+    assert resumed["metrics"] == pd["metrics"]
+    for stage in ("pd2", "pd1"):
+        weights = [load_file(str(next(models.glob(f"{name}-{stage}-*/model.safetensors"))))
+                   for name in ("pd-resume", "pd-moons")]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
