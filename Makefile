@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## The main job: flow matching on 8 gaussians -> moons and on the 8x8 digits, cpu scale, in one
-## process (one Prefect server, one Ray): runs/main/gaussians-to-moons and runs/main/digits.
+## The main job: rectified flow (1-RF -> couplings -> 2-RF -> couplings -> one-step distillation)
+## on N(0, I) -> moons and on the 8x8 digits, cpu scale, in one process (one Prefect server, one
+## Ray): runs/main/moons and runs/main/digits.
 run: $(STAMP)
-	$(BIN)/gendag run flow-matching -c flow-matching/gaussians-to-moons -c flow-matching/digits --scale cpu --out runs/main
+	$(BIN)/gendag run rectified-flow -c rectified-flow/moons -c rectified-flow/digits --scale cpu --out runs/main
 
 ## Everything but the fault-injection tests (marked slow); test-all runs those too.
 test: $(STAMP)

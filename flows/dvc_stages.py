@@ -16,7 +16,7 @@ HEADER = """\
 # scale, `dvc repro` all of them, each only when its code, configs or the pinned stack changed.
 """
 CODE = ("models", "tasks", "flows", "constraints.txt")
-MAIN_JOB = "flow-matching"  # `make run` runs this graph's configs into runs/main
+MAIN_JOB = "rectified-flow"  # `make run` runs this graph's configs into runs/main
 
 
 def _stage(name: str, cmd: str, configs: list[str], outs: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from tasks.couplings import coupling_manifest, generate_couplings, measure_strai
 from tasks.infra import Ref, folder_digest
 from tasks.register import graph_run, log_evaluation, log_graph_results, register
 from tasks.registry import fetch_model_version
-from tasks.report import stages_report
+from tasks.report import reading_order, stages_report
 from tasks.train import train
 
 
@@ -66,7 +66,8 @@ class StageRunner:
         self.metrics[stage.label], self.seconds[stage.label] = metrics, stage.seconds
         self.done.append({"stage": stage.label, "name": registered["name"], "version": registered["version"],
                           "mlflow_run_id": registered["run_id"], "model_uri": stage.model.uri,
-                          "model_hash": stage.model.hash, "seconds": stage.seconds, **stage.tags})
+                          "model_hash": stage.model.hash, "seconds": stage.seconds, **stage.tags,
+                          "metrics": {k: metrics[k] for k in sorted(metrics, key=reading_order)}})
         return registered
 
     def close(self, client, out: Path) -> dict:
@@ -105,7 +106,7 @@ def rectified_flow(cfg: RunConfig, inputs: Inputs, stages: StageRunner) -> None:
     for k in range(2, cfg.reflow.rounds + 2):
         pairs, paired = timed(generate_couplings, cfg, model, inputs.source, k - 1)
         start = {"init": model} if cfg.reflow.init == "previous" else {}
-        flow = cfg.stage(f"{k}rf", cfg.reflow.train)
+        flow = cfg.stage(f"{k}rf", cfg.reflow.train, cfg.reflow.samplers)
         model, seconds = timed(train_stage, flow, inputs, start, pairs)
         finish(Stage(f"{k}-RF", flow, model, couplings_tags(pairs), seconds={"couplings": paired, "train": seconds}))
     if cfg.distill.enabled:

@@ -235,7 +235,8 @@ class RectifiedFlowConfig(RunConfig):
         return self
 
     def sampler_lists(self) -> dict[str, tuple[list[SamplerConfig] | SamplerConfig, str]]:
-        return {**super().sampler_lists(), "reflow.solver": (self.reflow.solver, "denoiser"),
+        reflowed = {"reflow.samplers": (self.reflow.samplers, "denoiser")} if self.reflow.samplers else {}
+        return {**super().sampler_lists(), "reflow.solver": (self.reflow.solver, "denoiser"), **reflowed,
                 "distill.samplers": (self.distill.samplers, "denoiser")}
 
     def training_identity(self) -> dict:

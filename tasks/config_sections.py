@@ -267,6 +267,7 @@ class ReflowConfig(Strict):
     num_workers: PositiveInt = 2
     init: Literal["previous", "scratch"] = "previous"
     train: dict[str, Any] = {}  # overrides of the run's train section for every reflow round
+    samplers: list[SamplerConfig] | None = None  # how the reflowed flows are scored (default: sample.samplers)
     straightness_points: PositiveInt = 1000  # draws the straightness of each flow is measured on
     straightness_steps: PositiveInt = 100  # Euler steps along each draw's path
 
