@@ -22,23 +22,8 @@ from pathlib import Path
 
 import _common as C  # noqa: I001
 import numpy as np
-import torch
 
 TARGET = "speed-up (1 worker wall / 2 workers wall) >= 1.8x on 2 cores, identical sets"
-
-
-def make_model(cfg, folder: Path) -> str:
-    from models.checkpoint import save_model
-
-    spec = cfg.model_spec((1, 8, 8))
-    torch.manual_seed(0)
-    model = spec.build()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.02)
-    save_model(model, spec, folder)
-    return str(folder)
 
 
 def main() -> None:
@@ -53,6 +38,7 @@ def main() -> None:
     from tasks.infra import configure_environment
 
     configure_environment()
+    from parallel_sampling import make_model
     from tasks.config import load_config
     from tasks.couplings import generate_couplings
     from tasks.infra import Ref, folder_digest
@@ -61,7 +47,7 @@ def main() -> None:
     print(f"machine before: {C.uptime()}")
     ensure_ray()
     config = C.ROOT / "configs" / "rectified-flow" / "digits.yaml"
-    model_dir = make_model(load_config(config), home / "model")
+    model_dir = make_model(home / "model", load_config(config).model_spec((1, 8, 8)))
     model = Ref("model", model_dir, folder_digest(Path(model_dir)))
     sets: dict[int, tuple[str, np.ndarray]] = {}
     walls: dict[int, list[float]] = {1: [], 2: []}

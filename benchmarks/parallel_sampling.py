@@ -45,14 +45,15 @@ SHARD = 125
 SEED = 0
 
 
-def make_model(folder: Path) -> str:
+def make_model(folder: Path, spec: ModelSpec = SPEC) -> str:
+    """A freshly initialised model (seed 0) whose all-zero layers get small random weights."""
     torch.manual_seed(SEED)
-    model = SPEC.build()
+    model = spec.build()
     with torch.no_grad():
         for p in model.parameters():
             if not p.abs().sum():
                 p.normal_(0, 0.02)
-    save_model(model, SPEC, folder)
+    save_model(model, spec, folder)
     return str(folder)
 
 
