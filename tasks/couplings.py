@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -74,12 +75,15 @@ def coupling_manifest(pairs: Ref) -> dict:
 def _straightness(model_dir: str, source_path: str | None, points: int, steps: int, seed: int) -> float:
     import torch
 
+    from models.checkpoint import SPEC_FILE, ModelSpec, load_model
     from models.rectified_flow import straightness
-    from models.sampling import Sampler, start_draw
+    from models.sampling import start_draw
 
-    held = Sampler(model_dir, 0, source_path)
-    x0 = start_draw(held.model, held.shape, points, torch.Generator().manual_seed(seed), held.source)
-    return straightness(held.model, x0, steps)[0]
+    torch.set_num_threads(1)
+    model = load_model(Path(model_dir))
+    shape = tuple(ModelSpec.from_json((Path(model_dir) / SPEC_FILE).read_text()).data_shape)
+    source = np.load(source_path, allow_pickle=False) if source_path else None
+    return straightness(model, start_draw(model, shape, points, torch.Generator().manual_seed(seed), source), steps)[0]
 
 
 @task(name="straightness", cache_policy=NO_CACHE)

@@ -113,9 +113,8 @@ def _check_teacher(cfg: RunConfig, shape: tuple[int, ...]) -> None:
     if spec.family != "denoiser":
         raise PreflightError(f"teacher: {reference} is a '{spec.family}' model; graph '{cfg.graph}' needs a "
                              "denoiser (a network on a Gaussian path) to take DDIM or probability-flow ODE steps with")
-    wanted = asdict(cfg.model_spec(shape))
-    differ = [k for k, v in asdict(spec).items() if (list(v) if isinstance(v, tuple) else v) != (
-        list(wanted[k]) if isinstance(wanted[k], tuple) else wanted[k])]
+    wanted, found = asdict(cfg.model_spec(shape)), asdict(spec)
+    differ = [k for k in wanted if wanted[k] != found[k]]
     if differ:
         key = differ[0]
         raise PreflightError(f"teacher: {reference} has {key} {getattr(spec, key)!r} but this config's model has "
