@@ -20,7 +20,7 @@ from tasks.data import read_dataset, version_dataset
 from tasks.evaluate import evaluate, feature_extractor
 from tasks.infra import Ref
 from tasks.register import log_evaluation, register
-from tasks.report import write_report
+from tasks.report import DENSITY_LIKELIHOODS, write_report
 from tasks.sample import sample
 from tasks.train import train
 
@@ -51,14 +51,17 @@ def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs,
 def report(cfg: RunConfig, folder: Path, model: Ref, inputs: Inputs, samples: dict[str, Ref], metrics: dict):
     """The run's plots and tables into `folder`; (data kind, the files)."""
     splits = read_dataset(inputs.data)
-    return splits.kind, write_report(folder, splits.kind, samples, splits.test, metrics, model)
+    density = next((name for name in cfg.evaluate.likelihood if name in DENSITY_LIKELIHOODS), None)
+    return splits.kind, write_report(folder, splits.kind, samples, splits.test, metrics, model,
+                                     (density, cfg.data.name) if density else None)
 
 
 def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
     """data -> train -> sample (the config's grid) -> evaluate -> report -> register."""
     with run_outputs(out) as staging:
         inputs = prepare_data(cfg)
-        model = train(cfg, inputs.data, inputs.source)
+        levels = read_dataset(inputs.data).levels  # a likelihood objective dequantizes by them
+        model = train(cfg, inputs.data, inputs.source, options=cfg.objective_options(levels))
         samples, metrics = sample_and_evaluate(cfg, model, inputs)
         kind, files = report(cfg, staging / "report", model, inputs, samples, metrics)
         registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data))

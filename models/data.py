@@ -18,14 +18,16 @@ import numpy as np
 
 from models.toys import TOY_2D, TOYS
 
+TABULAR_BUILTIN = ("breast_cancer",)
 IMAGE_BUILTIN = ("digits",)
 TORCHVISION = ("mnist", "cifar10")
 FILE_KINDS = ("npy", "image_folder")
-DATASETS = TOY_2D + IMAGE_BUILTIN + TORCHVISION + FILE_KINDS
+DATASETS = TOY_2D + TABULAR_BUILTIN + IMAGE_BUILTIN + TORCHVISION + FILE_KINDS
 
 DEFAULT_TOY_TRAIN = 20_000
 DEFAULT_TOY_TEST = 10_000
 DEFAULT_DIGITS_TEST = 500
+DEFAULT_TABULAR_TEST_FRACTION = 0.2
 DIGITS_LEVELS = 17  # scikit-learn's digits hold the integers 0..16
 UINT8_LEVELS = 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -120,6 +122,22 @@ def _load_digits(spec: DatasetSpec) -> Splits:
     images = (digits.images[:, None] / 16.0 * 2.0 - 1.0).astype(np.float32)
     splits = _split(images, spec, "images", digits.target, default_test=DEFAULT_DIGITS_TEST)
     return replace(splits, levels=DIGITS_LEVELS)
+
+
+def _load_breast_cancer(spec: DatasetSpec) -> Splits:
+    """scikit-learn's Wisconsin breast-cancer table: 569 rows of 30 continuous measurements (the
+    largest continuous table that ships with scikit-learn, so no download), a real density task
+    above 2-D. Standardized with the training split's mean and deviation (the test split is
+    scaled by them too, so it is never looked at); the class labels are kept."""
+    from sklearn.datasets import load_breast_cancer
+
+    table = load_breast_cancer()
+    rows = table.data.astype(np.float64)
+    default_test = round(DEFAULT_TABULAR_TEST_FRACTION * len(rows))
+    splits = _split(rows, spec, "points", table.target, default_test=default_test)
+    mean, std = splits.train.mean(0), splits.train.std(0)
+    return replace(splits, train=((splits.train - mean) / std).astype(np.float32),
+                   test=((splits.test - mean) / std).astype(np.float32))
 
 
 def _require_path(spec: DatasetSpec) -> Path:
@@ -365,6 +383,7 @@ def _load_torchvision(spec: DatasetSpec) -> Splits:
 
 _LOADERS: dict[str, Callable[[DatasetSpec], Splits]] = {
     **{name: _load_toy for name in TOY_2D},
+    "breast_cancer": _load_breast_cancer,
     "digits": _load_digits,
     "mnist": _load_torchvision,
     "cifar10": _load_torchvision,

@@ -2,6 +2,6 @@
 registered. Adding a method: write its module in ``models/`` and list it here."""
 
 from models import (  # noqa: F401
-    consistency, ddim, ddpm, flow_matching, ncsn, ode_likelihood, parallel, progressive_distillation, rectified_flow,
-    score_sde, solvers,
+    cnf, consistency, ddim, ddpm, flow_matching, ncsn, normalizing_flows, ode_likelihood, parallel,
+    progressive_distillation, rectified_flow, score_sde, solvers,
 )

@@ -50,6 +50,11 @@ class Objective(abc.ABC):
     def after_step(self) -> None:
         """Called after every optimizer step (e.g. to move an EMA target)."""
 
+    def data_init(self, x1: Tensor) -> None:
+        """Data-dependent initialization of the model from a batch of data ``x1`` (e.g. a
+        normalizing flow's actnorm); nothing by default. Called once before training starts
+        (not on resume), with the same rows on every worker, so every copy starts the same."""
+
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 

@@ -25,13 +25,12 @@ quantized data).
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from models.likelihoods import register_likelihood
+from models.likelihoods import dequantize, register_likelihood
 from models.paths import time_batch
 from models.solvers import FIXED_STEP_METHODS, solve_ode
 
@@ -58,26 +57,47 @@ class ODELikelihood(NamedTuple):
     nfe: int  # evaluations of the velocity function
 
 
-def _exact_divergence(velocity: Tensor, x: Tensor) -> Tensor:
-    """Trace of the Jacobian of ``velocity`` (computed from ``x``) for each example, one
-    backward pass per dimension. Assumes examples do not interact (no batch statistics)."""
+def exact_trace_and_frobenius(velocity: Tensor, x: Tensor, *, create_graph: bool = False,
+                              frobenius: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Trace of the Jacobian dv/dx of ``velocity`` (computed from ``x``) for each example, one
+    backward pass per dimension (row i of the Jacobian is the gradient of v_i), and with
+    ``frobenius`` its squared Frobenius norm ||dv/dx||_F^2 (the sum of the squared rows, free
+    once the rows are there). ``create_graph``: keep the graph of the result, so that it can be
+    differentiated again (training through the divergence, ``models.cnf``). Assumes examples do
+    not interact (no batch statistics)."""
     flat = velocity.flatten(1)
     dims = flat.shape[1]
     trace = torch.zeros(len(x), dtype=velocity.dtype, device=velocity.device)
+    norm = torch.zeros_like(trace) if frobenius else None
     for i in range(dims):
-        (row,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=i < dims - 1, allow_unused=True)
+        (row,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=create_graph or i < dims - 1,
+                                     create_graph=create_graph, allow_unused=True)
         if row is not None:
-            trace += row.flatten(1)[:, i]
-    return trace
+            row = row.flatten(1)
+            trace = trace + row[:, i]
+            if frobenius:
+                norm = norm + row.pow(2).sum(1)
+    return trace, norm
 
 
-def _hutchinson_divergence(velocity: Tensor, x: Tensor, probe: Tensor) -> Tensor:
+def _exact_divergence(velocity: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
+    """Trace of the Jacobian of ``velocity`` (computed from ``x``) for each example, one
+    backward pass per dimension. Assumes examples do not interact (no batch statistics)."""
+    return exact_trace_and_frobenius(velocity, x, create_graph=create_graph)[0]
+
+
+def probe_vjp(velocity: Tensor, x: Tensor, probe: Tensor, create_graph: bool = False) -> Tensor:
+    """``probe^T dv/dx`` for each example (one backward pass), shaped like ``x``; zeros when
+    ``velocity`` does not depend on ``x``. ``create_graph`` as in ``exact_trace_and_frobenius``."""
+    (vjp,) = torch.autograd.grad(velocity, x, grad_outputs=probe, create_graph=create_graph,
+                                 retain_graph=create_graph or None, allow_unused=True)
+    return torch.zeros_like(x) if vjp is None else vjp
+
+
+def _hutchinson_divergence(velocity: Tensor, x: Tensor, probe: Tensor, create_graph: bool = False) -> Tensor:
     """``probe^T J probe`` for each example: an unbiased estimate of the trace when the probe
     has zero mean and identity covariance."""
-    (vjp,) = torch.autograd.grad(velocity, x, grad_outputs=probe, allow_unused=True)
-    if vjp is None:
-        return torch.zeros(len(x), dtype=velocity.dtype, device=velocity.device)
-    return (vjp * probe).flatten(1).sum(1)
+    return (probe_vjp(velocity, x, probe, create_graph) * probe).flatten(1).sum(1)
 
 
 class _AugmentedField:
@@ -198,14 +218,10 @@ def ode_nll(model, x: Tensor, generator: torch.Generator | None = None, levels: 
     (Jensen), in the discrete-probability nats of ``ddpm_bound``.
     """
     dims = x[0].numel()
-    if levels is not None:
-        delta = 2.0 / (levels - 1)
-        # drawn in float64 whatever the data's dtype, so a float32 and a float64 run share u
-        noise = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
-        x = x + (noise - 0.5) * delta
+    x, log_volume = dequantize(x, levels, generator)
     exact = dims <= EXACT_DIVERGENCE_MAX_DIMS
     tolerance = EXACT_TOLERANCE if exact else HUTCHINSON_TOLERANCE
     log_px, _ = ode_log_likelihood(model.velocity, x, model.prior_log_prob, t_data=model.scheduler.ode_end,
                                    t_source=0.0, divergence="exact" if exact else "hutchinson",
                                    atol=tolerance, rtol=tolerance, generator=generator)
-    return -log_px if levels is None else -log_px - dims * math.log(delta)
+    return -log_px - log_volume

@@ -221,7 +221,9 @@ class SampleResult:
 def sample_with(setting: Setting, model, x: Tensor, generator: torch.Generator | None = None,
                 trajectory: bool = False, trajectory_points: int = 21) -> SampleResult:
     """Run one grid setting from the draw ``x``; counts the network's forward calls (``rounds``) and
-    the rows they evaluate (``nfe`` = rows / batch size: a call on p points of each sample counts p)."""
+    the rows they evaluate (``nfe`` = rows / batch size: a call on p points of each sample counts p).
+    The networks are ``model.conditioners()`` where the model has it (a normalizing flow's
+    coupling and autoregressive networks), else ``model.net``."""
     spec = get_sampler(setting.method)
     kwargs = setting.kwargs
     if spec.adaptive:
@@ -234,12 +236,14 @@ def sample_with(setting: Setting, model, x: Tensor, generator: torch.Generator |
         calls[0] += 1
         rows[0] += len(args[0]) if args else len(x)
 
-    hook = model.net.register_forward_pre_hook(count)
+    networks = model.conditioners() if hasattr(model, "conditioners") else [model.net]
+    hooks = [net.register_forward_pre_hook(count) for net in networks]
     path = [x] if trajectory else None
     try:
         with torch.no_grad():
             out = spec.fn(model, x, grid, generator, callback=(lambda i, y: path.append(y)) if trajectory else None,
                           **{k: v for k, v in kwargs.items() if k != "spacing"})
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     return SampleResult(out, rows[0] // len(x), torch.stack(path) if trajectory else None, rounds=calls[0])

@@ -28,7 +28,7 @@ from models.likelihoods import get_likelihood
 from models.parameterization import PARAMETERIZATIONS
 from models.paths import make_scheduler
 from models.samplers import get_sampler, settings_for, time_grid
-from tasks.config_sections import (AnyPath, CondOTPath, ConsistencySection, CouplingConfig, DataConfig, DDPMPath,
+from tasks.config_sections import (AnyPath, CNFSection, CondOTPath, ConsistencySection, FlowModelConfig, CouplingConfig, DataConfig, DDPMPath,
                                     DistillConfig, ProgressiveConfig,
                                     EvaluateConfig, ModelConfig, NCSNPath, ReflowConfig, RegisterConfig, SampleConfig,
                                     SamplerConfig, SourceConfig, Strict, SubVPPath, TrainConfig, VEPath, VPPath,
@@ -60,6 +60,7 @@ class RunConfig(Strict):
     registry: RegisterConfig = RegisterConfig()
 
     objective: ClassVar[str] = ""
+    family: ClassVar[str] = "denoiser"  # the kind of model it trains (models.checkpoint.FAMILIES)
     parameterizations: ClassVar[tuple[str, ...]] = PARAMETERIZATIONS
 
     @field_validator("name")
@@ -69,12 +70,12 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _method_fits(self, info: ValidationInfo):
-        if self.model.parameterization not in self.parameterizations:
+        if self.parameterizations and self.model.parameterization not in self.parameterizations:
             raise ValueError(f"model.parameterization: got '{self.model.parameterization}'; graph "
                              f"'{self.graph}' trains one of {', '.join(self.parameterizations)}")
         provides = self.provides()
         try:
-            scheduler = make_scheduler(self.path.scheduler, **self.path.kwargs())
+            scheduler = self.scheduler()
         except ValueError as e:
             raise ValueError(f"path.{e}") from None
         stage_family = (info.context or {}).get("family")  # a stage's config: its grid runs on its model
@@ -103,10 +104,19 @@ class RunConfig(Strict):
             except ValueError as e:
                 raise ValueError(f"{where}.{e}") from None
 
+    def scheduler(self):
+        """The Gaussian path the model lives on (None for a family without one)."""
+        return make_scheduler(self.path.scheduler, **self.path.kwargs())
+
     def sampler_lists(self) -> dict[str, tuple[list[SamplerConfig] | SamplerConfig, str]]:
         """Every sampler the graph runs, by the key it is set at, with the model family it runs on
         (a graph with stages adds theirs)."""
-        return {"sample.samplers": (self.sample.samplers, "denoiser")}
+        return {"sample.samplers": (self.sample.samplers, self.family)}
+
+    def objective_options(self, levels: int | None) -> dict[str, Any]:
+        """The options of the config's objective for data of `levels` grey levels (None:
+        continuous): what a graph whose objective sees the data's quantization passes to it."""
+        return {}
 
     def stage(self, suffix: str, train: dict[str, Any] | None = None,
               samplers: list[SamplerConfig] | None = None) -> "RunConfig":
@@ -128,11 +138,11 @@ class RunConfig(Strict):
     def model_name(self) -> str:
         return self.registry.model_name or f"gendag-{self.name}"
 
-    def model_spec(self, data_shape: tuple[int, ...], family: str = "denoiser") -> ModelSpec:
+    def model_spec(self, data_shape: tuple[int, ...], family: str | None = None) -> ModelSpec:
         """The model this config trains, for data of `data_shape` (a stage may train another family
         around the same network, e.g. a consistency model)."""
         return ModelSpec(
-            family=family,
+            family=family or self.family,
             network=self.model.network,
             data_shape=tuple(data_shape),
             parameterization=self.model.parameterization,
@@ -141,7 +151,7 @@ class RunConfig(Strict):
             scheduler_kwargs=self.path.kwargs(),
         )
 
-    def provides(self, family: str = "denoiser") -> frozenset[str]:
+    def provides(self, family: str | None = None) -> frozenset[str]:
         """What the trained model offers samplers (its family's list, plus a Gaussian source)."""
         extra = {"gaussian_source"} if self.source_config.name == "gaussian" else set()
         return self.model_spec((), family).provides() | extra
@@ -159,6 +169,9 @@ class RunConfig(Strict):
 
 
 def _needs_phrase(missing: set[str], cfg: RunConfig) -> str:
+    if not hasattr(cfg, "path"):  # a family without a Gaussian path (normalizing flows)
+        return (f"a model that provides {', '.join(sorted(missing))}; a {cfg.family.replace('_', ' ')} provides "
+                f"{', '.join(sorted(cfg.provides()))}")
     if "gaussian_source" in missing:
         return f"a Gaussian source (N(0, I)); this run starts from '{cfg.source_config.name}'"
     if "discrete_time" in missing:
@@ -309,6 +322,49 @@ class ConsistencyConfig(_TeacherGraph):
     def sampler_lists(self) -> dict[str, tuple[list[SamplerConfig] | SamplerConfig, str]]:
         student = {"consistency.samplers": (self.consistency.samplers, "consistency")}
         return student if self.graph == "consistency-training" else {**super().sampler_lists(), **student}
+
+
+class NormalizingFlowConfig(RunConfig):
+    """A normalizing flow trained by maximum likelihood: NICE, RealNVP, Glow, MAF or IAF, as the
+    graph names it, with its architecture in `model.kwargs` (`models.normalizing_flows.build_flow`).
+    Quantized data (the digits) are dequantized uniformly in training and in the test NLL."""
+
+    graph: Literal["nice", "realnvp", "glow", "maf", "iaf"]
+    model: FlowModelConfig = FlowModelConfig()
+    sample: SampleConfig = SampleConfig(samplers=[SamplerConfig(method="invert")])
+    evaluate: EvaluateConfig = EvaluateConfig(likelihood=["exact"])
+    objective: ClassVar[str] = "maximum_likelihood"
+    family: ClassVar[str] = "normalizing_flow"
+    parameterizations: ClassVar[tuple[str, ...]] = ()  # no network output to convert
+
+    def scheduler(self):
+        return None
+
+    def model_spec(self, data_shape: tuple[int, ...], family: str | None = None) -> ModelSpec:
+        return ModelSpec(family=family or self.family, network=self.graph, data_shape=tuple(data_shape),
+                         network_kwargs=dict(self.model.kwargs))
+
+    def training_identity(self) -> dict:
+        return {"flow": self.graph, **super().training_identity()}
+
+    def objective_options(self, levels: int | None) -> dict[str, Any]:
+        return {"levels": levels} if levels else {}
+
+
+class CNFConfig(RunConfig):
+    """A continuous normalizing flow: a velocity network trained by maximum likelihood through
+    its ODE (`models.cnf`), with RNODE's kinetic and Jacobian regularizers; sampled by every ODE
+    sampler and scored by the ODE likelihood, like a flow-matching model."""
+
+    graph: Literal["cnf"]
+    path: CondOTPath = CondOTPath()  # only its N(0, I) prior at t = 0 is used: no path is regressed
+    cnf: CNFSection = CNFSection()
+    evaluate: EvaluateConfig = EvaluateConfig(likelihood=["ode"])
+    objective: ClassVar[str] = "cnf"
+    parameterizations: ClassVar[tuple[str, ...]] = ("velocity",)
+
+    def objective_options(self, levels: int | None) -> dict[str, Any]:
+        return {**self.cnf.model_dump(), **({"levels": levels} if levels else {})}
 
 
 def schemas() -> dict[str, type[RunConfig]]:

@@ -17,6 +17,7 @@ from models.networks import NETWORKS
 from models.parameterization import PARAMETERIZATIONS
 from models.paths import BETA_SCHEDULES
 from models.samplers import settings_for
+from models.solvers import FIXED_STEP_METHODS
 from models.training import LR_SCHEDULES
 
 
@@ -144,6 +145,22 @@ class ModelConfig(Strict):
     network: Literal[tuple(NETWORKS)] = "mlp"  # type: ignore[valid-type]
     parameterization: Literal[PARAMETERIZATIONS] = "velocity"  # type: ignore[valid-type]
     kwargs: dict[str, Any] = {}
+
+
+class FlowModelConfig(Strict):
+    """A normalizing flow's architecture: `build_flow`'s keywords (the graph names the flow)."""
+
+    kwargs: dict[str, Any] = {}
+
+
+class CNFSection(Strict):
+    """How a continuous normalizing flow is trained (`models.cnf`, the `cnf` objective)."""
+
+    divergence: Literal["auto", "exact", "hutchinson"] = "auto"  # auto: exact up to 16 dims
+    method: Literal[FIXED_STEP_METHODS] = "rk4"  # type: ignore[valid-type]  # the training solve, backpropagated
+    steps: PositiveInt = 8
+    kinetic: Annotated[Float, Field(ge=0)] = 0.0  # RNODE's lambda_K: integral of |v|^2 dt
+    jacobian: Annotated[Float, Field(ge=0)] = 0.0  # RNODE's lambda_J: integral of |eps^T dv/dx|^2 dt
 
 
 class CouplingConfig(Strict):

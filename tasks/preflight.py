@@ -197,6 +197,8 @@ def _check_network(cfg: RunConfig, shape: tuple[int, ...]) -> int:
 
     from models.networks import NETWORKS, build_network
 
+    if cfg.family == "normalizing_flow":
+        return _check_flow(cfg, shape)
     kind, kwargs = cfg.model.network, dict(cfg.model.kwargs)
     what = f"network '{kind}'"
     with torch.device("meta"):  # the network alone: its scheduler was built when the config was read
@@ -207,6 +209,25 @@ def _check_network(cfg: RunConfig, shape: tuple[int, ...]) -> int:
             raise PreflightError(f"model: {what} with {kwargs} cannot run on items of shape {shape} "
                                  f"({_first_line(e)})") from None
     return sum(p.numel() for p in net.parameters())
+
+
+def _check_flow(cfg: RunConfig, shape: tuple[int, ...]) -> int:
+    """Build the normalizing flow (on the CPU: its LU factors are computed at construction) and
+    take the log-density of 2 items of the data's shape; its parameter count."""
+    import torch
+
+    from models.normalizing_flows import build_flow
+
+    kwargs = dict(cfg.model.kwargs)
+    what = f"flow '{cfg.graph}'"
+    flow = _build("model", what, kwargs, build_flow, lambda: build_flow(cfg.graph, shape, **kwargs))
+    try:
+        with torch.no_grad():
+            flow.log_prob(torch.zeros(2, *shape))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise PreflightError(f"model: {what} with {kwargs} cannot run on items of shape {shape} "
+                             f"({_first_line(e)})") from None
+    return sum(p.numel() for p in flow.parameters())
 
 
 def _check_coupling(cfg: RunConfig) -> None:

@@ -96,6 +96,41 @@ def trajectories(sample: Ref, label: str, path: Path) -> Path | None:
     return path
 
 
+DENSITY_LIKELIHOODS = ("exact", "ode")  # estimators of a density (not a bound): what a heat map shows
+DENSITY_GRID = 80  # points per side of the heat map's grid
+
+
+def density_map(model: Ref, likelihood: str, dataset: str, reference: np.ndarray, path: Path,
+                seed: int = 0) -> Path:
+    """Heat maps of the model's density on a grid over the data (by the `likelihood` estimator),
+    beside the true density where the toy has one and a histogram of the held-out points."""
+    from models.likelihoods import nll_per_example
+    from models.toys import true_log_density
+
+    lim = np.abs(reference).max() * 1.3
+    axis = np.linspace(-lim, lim, DENSITY_GRID)
+    grid = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2).astype(np.float32)
+    nll = nll_per_example(model.uri, likelihood, grid, None, seed, batch_size=len(grid), threads=None)
+    panels = {f"model ({likelihood})": np.exp(-nll)}
+    true = true_log_density(dataset, grid)
+    if true is not None:
+        panels["true density"] = np.exp(true)
+    fig, axes = _panels(len(panels) + 1)
+    extent = (-lim, lim, -lim, lim)
+    for ax, (label, values) in zip(axes, panels.items()):
+        ax.imshow(values.reshape(DENSITY_GRID, DENSITY_GRID), origin="lower", extent=extent, cmap="magma")
+        ax.set_title(label, fontsize=8)
+    axes[len(panels)].hist2d(reference[:, 0], reference[:, 1], bins=DENSITY_GRID, range=[[-lim, lim]] * 2,
+                             cmap="magma")
+    axes[len(panels)].set_title("held-out points", fontsize=8)
+    for ax in axes[:len(panels) + 1]:
+        ax.set(aspect="equal", xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def curves(metrics: dict[str, float], name: str) -> dict[str, list[tuple[float, float, float]]]:
     """The primary metric by sampler: {"ddim,eta=0,spacing=trailing": [(nfe, value, sd), ...]}
     sorted by NFE; an adaptive sampler's point sits at its measured NFE. Untrained baselines
@@ -184,8 +219,9 @@ def metrics_table(metrics: dict[str, float], path: Path) -> Path:
 
 
 def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np.ndarray,
-                 metrics: dict[str, float], model: Ref) -> list[Path]:
-    """Every picture and table of a run; returns the files written."""
+                 metrics: dict[str, float], model: Ref, density: tuple[str, str] | None = None) -> list[Path]:
+    """Every picture and table of a run; returns the files written. With `density` (a density
+    estimator and the dataset's name) 2-D points also get the model's density heat map."""
     folder.mkdir(parents=True, exist_ok=True)
     files = [
         quality_vs_nfe(metrics, kind, folder / "quality_vs_nfe.png"),
@@ -200,6 +236,8 @@ def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np
         trained = [k for k in samples if "untrained" not in k]
         best = max(trained, key=lambda k: float(parse_label(k)[1].get("nfe", 0)))  # the finest fixed grid
         files.append(trajectories(samples[best], best, folder / "trajectories.png"))
+        if density and reference.shape[1] == 2:
+            files.append(density_map(model, *density, reference, folder / "density.png"))
     return [f for f in files if f]
 
 

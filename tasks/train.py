@@ -65,14 +65,16 @@ def finalize(checkpoint_dir: Path, folder: Path) -> None:
 @task(name="train", cache_policy=NO_CACHE)
 def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str, Ref] | None = None,
           pairs: Ref | None = None, objective: str | None = None, options: dict | None = None,
-          family: str = "denoiser") -> Ref:
+          family: str | None = None) -> Ref:
     """Train (or resume, or reuse) the model for this config and data; returns the model folder.
     `inputs` are extra model folders by name: those the objective needs (e.g. `teacher`) and
     `init`, whose weights training starts from. With `pairs` (a coupling set) batches draw its
-    paired rows instead of independent data and source rows. `objective` and its `options`
-    replace the config's objective, and `family` is the kind of model trained around the config's
-    network (a stage of a multi-stage graph, e.g. a consistency model)."""
-    chosen = {"objective": objective, "objective_options": options or {}, "family": family} if objective else None
+    paired rows instead of independent data and source rows. `objective` replaces the config's
+    objective, `options` are the objective's options, and `family` is the kind of model trained
+    around the config's network (a stage of a multi-stage graph, e.g. a consistency model)."""
+    family = family or cfg.family
+    chosen = ({"objective": objective or cfg.objective, "objective_options": options or {}, "family": family}
+              if objective or options else None)
     name = run_name(cfg, data, source, inputs, pairs, chosen)
     folder = store() / "models" / name
     if (folder / STATE_FILE).exists():

@@ -16,6 +16,7 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +54,8 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    torch.set_num_threads(1)
+    # the node's cores shared among the workers on it: one worker alone uses them all
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     if config.get("pairs"):  # a coupling set: row i of x0 is paired with row i of x1
@@ -61,13 +63,17 @@ def train_worker(config: dict) -> None:
     else:
         data = _load_array(config["data"])
         source = _load_array(config["source"]) if config.get("source") else None
-    spec = cfg.model_spec(tuple(data.shape[1:]), config.get("family", "denoiser"))
+    spec = cfg.model_spec(tuple(data.shape[1:]), config.get("family"))
     model = spec.build().to(device)
     inputs = {name: load_model(Path(folder)).to(device) for name, folder in config.get("inputs", {}).items()}
     init = inputs.pop("init", None)
     if init is not None:  # start from another model's weights (reflow, distillation students)
         model.load_state_dict(init.state_dict())
     objective = make_objective(config.get("objective") or cfg.objective, model, inputs, **config.get("options", {}))
+    if init is None:  # data-dependent initialization (ActNorm) from the same rows on every rank; a
+        # resumed run then loads its checkpoint over it
+        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train.batch_size]
+        objective.data_init(data[rows].to(device))
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = {"step": 0, "losses": [], "resumed_from": []}

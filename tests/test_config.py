@@ -81,7 +81,8 @@ def test_digest_changes_with_numbers_only_when_values_change() -> None:
         (DDPM, ["path.scheduler=vp"], "path.scheduler: got 'vp'; input should be 'ddpm'"),
         (DDPM, ["source.name=moons"], "source: unknown key"),
         (DDPM, ["model.parameterization=velocity"], "model.parameterization: got 'velocity'; graph 'ddpm' trains one of epsilon, v, x1"),
-        (DDPM, ["evaluate.likelihood=[exact]"], "evaluate.likelihood: unknown likelihood 'exact'"),
+        (DDPM, ["evaluate.likelihood=[exakt]"], "evaluate.likelihood: unknown likelihood 'exakt'"),
+        (DDPM, ["evaluate.likelihood=[exact]"], "evaluate.likelihood: 'exact' needs a model that provides log_prob"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(config, overrides, message) -> None:
@@ -101,7 +102,7 @@ def test_bad_files_and_scales(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML at line 4"):
         load_config(tmp_path / "broken.yaml")
     (tmp_path / "nograph.yaml").write_text("name: x\n")
-    with pytest.raises(ConfigError, match="graph: required key is missing; expected one of consistency-distillation, consistency-training, ddim, ddpm, flow-matching"):
+    with pytest.raises(ConfigError, match="graph: required key is missing; expected one of cnf, consistency-distillation, consistency-training, ddim, ddpm, flow-matching, glow"):
         load_config(tmp_path / "nograph.yaml")
     (tmp_path / "badscales.yaml").write_text(MOONS.read_text().replace("  tiny:\n", "  tiny: 5\n  xtiny:\n", 1))
     with pytest.raises(ConfigError, match="scales: expected a mapping"):
