@@ -10,6 +10,7 @@ summary reach the output folder only when all of it succeeded.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +57,22 @@ def report(cfg: RunConfig, folder: Path, model: Ref, inputs: Inputs, samples: di
                                      (density, cfg.data.name) if density else None)
 
 
+def timed(work, *args, **kwargs):
+    """(work's result, its wall time in seconds)."""
+    began = time.perf_counter()
+    return work(*args, **kwargs), round(time.perf_counter() - began, 1)
+
+
 def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
     """data -> train -> sample (the config's grid) -> evaluate -> report -> register."""
     with run_outputs(out) as staging:
         inputs = prepare_data(cfg)
         levels = read_dataset(inputs.data).levels  # a likelihood objective dequantizes by them
-        model = train(cfg, inputs.data, inputs.source, options=cfg.objective_options(levels))
+        model, seconds = timed(train, cfg, inputs.data, inputs.source, options=cfg.objective_options(levels))
         samples, metrics = sample_and_evaluate(cfg, model, inputs)
         kind, files = report(cfg, staging / "report", model, inputs, samples, metrics)
         registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data))
-        return write_summary(staging, out, cfg, inputs.data, model, metrics, registered)
+        return write_summary(staging, out, cfg, inputs.data, model, metrics, registered, seconds={"train": seconds})
 
 
 def resample(cfg: RunConfig, out: Path, model: Ref, version: dict) -> dict:

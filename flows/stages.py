@@ -14,11 +14,10 @@ every stage side by side (`report/stages.md`, `report/stages.png`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.pipeline import Inputs, prepare_data, report, sample_and_evaluate
+from flows.pipeline import Inputs, prepare_data, report, sample_and_evaluate, timed
 from flows.summary import lineage, run_outputs, write_summary
 from tasks.config import RunConfig
 from tasks.couplings import coupling_manifest, generate_couplings, measure_straightness
@@ -164,12 +163,6 @@ def consistency(cfg: RunConfig, inputs: Inputs, stages: StageRunner) -> None:
                            options=c.options(objective, student.train.steps))
     stages.finish(Stage(label, student, model, teacher_tags(start["teacher"]) if start else {},
                         seconds={"train": seconds}))
-
-
-def timed(work, *args, **kwargs):
-    """(work's result, its wall time in seconds)."""
-    began = time.perf_counter()
-    return work(*args, **kwargs), round(time.perf_counter() - began, 1)
 
 
 def train_stage(cfg: RunConfig, inputs: Inputs, start: dict[str, Ref] | None = None, pairs: Ref | None = None,

@@ -60,9 +60,10 @@ def run_outputs(out: Path):
 
 
 def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dict,
-                  registered: dict, stages: list[dict] | None = None) -> dict:
+                  registered: dict, stages: list[dict] | None = None, seconds: dict | None = None) -> dict:
     """`summary.json` and `config.json` of a run, into its staging folder (see `run_outputs`). A
-    multi-stage graph's summary describes its last stage's model, and lists every stage."""
+    multi-stage graph's summary describes its last stage's model, and lists every stage;
+    `seconds`: the wall time of a single-stage run's work (training: ~0 when reused)."""
     summary = {
         "graph": cfg.graph,
         "name": cfg.name,
@@ -86,6 +87,8 @@ def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Re
     }
     if stages:
         summary["stages"] = stages
+    if seconds:
+        summary["seconds"] = seconds
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     (staging / "summary.json").write_text(json.dumps(summary, indent=2))
