@@ -14,8 +14,10 @@ T = TypeVar("T")
 
 
 # How often Ray Train's controller polls its workers (Ray's default: 2 s). Each step of a fit
-# (workers up, running, done) waits for a poll: a fit of an empty loop took 16-19 s at 2 s and
-# 9-12 s at 0.2 s (1 or 2 workers, this machine), and the main job fits six models.
+# (workers up, running, done) waits for a poll: a fit of an empty loop took 17-21 s at 2 s and
+# 10-13 s at 0.2 s (1 or 2 workers, this machine), and the main job fits six models. Set through
+# the job's runtime env: the controller is an actor, and an os.environ set after `import ray`
+# did not reach it.
 TRAIN_POLL_S = "0.2"
 
 
@@ -25,10 +27,11 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)  # read by the controller actor
+    # read by Ray Train's controller actor: given to every worker process of this job
+    jobs = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                                             TRAIN_POLL_S)}}
     if os.environ.get("RAY_ADDRESS"):
-        env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
-        ray.init(namespace="gendag", log_to_driver=False, runtime_env={"env_vars": env})
+        ray.init(namespace="gendag", log_to_driver=False, runtime_env=jobs)
         return
     # A short temp dir: Ray's unix sockets live under it and paths are length-limited.
     tmp = os.environ.get("GENDAG_RAY_TMP")
@@ -43,6 +46,7 @@ def ensure_ray() -> None:
         _temp_dir=tmp,
         configure_logging=True,
         logging_level="ERROR",
+        runtime_env=jobs,
     )
 
 
