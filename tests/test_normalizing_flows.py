@@ -13,9 +13,8 @@ from models.bijections import (
 )
 from models.checkpoint import ModelSpec, load_model, save_model
 from models.likelihoods import get_likelihood
-from models.normalizing_flows import (
-    MADE, ActNorm, InvertibleConv1x1, MAFLayer, NormalizingFlow, build_flow, checkerboard,
-)
+from models.flow_layers import MADE, ActNorm, InvertibleConv1x1, MAFLayer
+from models.normalizing_flows import NormalizingFlow, build_flow, checkerboard
 from models.objectives import make_objective
 from models.samplers import Setting, get_sampler, sample_with
 
