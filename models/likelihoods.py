@@ -98,9 +98,18 @@ def nll_per_example(model_dir: str, name: str, x, levels: int | None, seed: int,
     return nats.numpy()
 
 
+def mean_and_se(values) -> dict[str, float]:
+    """The mean of per-example values and its standard error over examples (0 for one)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "se": float(values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0}
+
+
 def estimate_nll(model_dir: str, name: str, x, levels: int | None, seed: int, batch_size: int = 250,
-                 threads: int = 1) -> dict[str, float]:
+                 threads: int = 1) -> dict:
     """Mean test NLL (nats per example) by ``nll_per_example``, with its standard error over
-    examples."""
+    examples, and the per-example values (``nats``, in the order of ``x``: for differences
+    paired on the same examples)."""
     nats = nll_per_example(model_dir, name, x, levels, seed, batch_size, threads)
-    return {"mean": float(nats.mean()), "se": float(nats.std(ddof=1) / len(nats) ** 0.5) if len(nats) > 1 else 0.0}
+    return {**mean_and_se(nats), "nats": nats.tolist()}

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from models.features import fid_kid, save_classifier, train_feature_extractor
 from models.toys import true_log_density
-from models.likelihoods import bits_per_dim, estimate_nll
+from models.likelihoods import bits_per_dim, estimate_nll, mean_and_se
 from models.metrics import point_scores, reference_set, scoring_blocks, summarize_blocks
 from models.samplers import parse_label
 from tasks.config import RunConfig
@@ -194,7 +194,8 @@ def _start_likelihoods(cfg: RunConfig, model: Ref, splits, scores: ScoreStore) -
     """One Ray task per estimator not scored yet, started before the sample scores so they
     overlap; {stored key: a finished result or a Ray future}."""
     keys = {_likelihood_key(cfg, model, name): name for name in cfg.evaluate.likelihood}
-    todo = {key: name for key, name in keys.items() if scores.get(key) is None}
+    # scored again when missing, or stored before the per-example values were kept
+    todo = {key: name for key, name in keys.items() if "nats" not in (scores.get(key) or {})}
     started = {}
     if todo:
         import ray
@@ -211,28 +212,39 @@ def _start_likelihoods(cfg: RunConfig, model: Ref, splits, scores: ScoreStore) -
 def _finish_likelihoods(cfg: RunConfig, likelihoods: dict, splits, scores: ScoreStore) -> dict[str, float]:
     import ray
 
-    metrics = {}
+    metrics, per_example = {}, {}
     dims = int(np.prod(splits.test.shape[1:]))
     for name, (key, future) in likelihoods.items():
         if future is not None:
             scores.put(key, ray.get(future))
         nll = scores.get(key)
+        per_example[name] = nll["nats"]
         if splits.kind == "images":
             metrics[f"bpd@{name}"], metrics[f"bpd_se@{name}"] = (bits_per_dim(v, dims) for v in (nll["mean"], nll["se"]))
         else:
             metrics[f"nll@{name}"], metrics[f"nll_se@{name}"] = nll["mean"], nll["se"]
     if likelihoods and splits.kind == "points":
-        metrics |= _true_nll(cfg, splits)
+        metrics |= true_nll_metrics(cfg.data.name, splits.test[: cfg.evaluate.likelihood_examples], per_example)
     return metrics
 
 
-def _true_nll(cfg: RunConfig, splits) -> dict[str, float]:
-    """`nll_floor`: the NLL of the same test points under the law the toy data are drawn from,
-    where it has a closed form (8 gaussians, checkerboard): what a perfect model would score."""
-    log_p = true_log_density(cfg.data.name, splits.test[: cfg.evaluate.likelihood_examples])
+def true_nll_metrics(dataset: str, points: np.ndarray, nats: dict[str, list[float]]) -> dict[str, float]:
+    """Where the law the toy data are drawn from has a closed-form density (8 gaussians,
+    checkerboard): `nll_floor`, the NLL of the test `points` under it (what a perfect model
+    would score), and for every estimator `name` with per-example NLLs `nats[name]` of the same
+    points, `nll_gap@<name>`: the mean of the paired differences model NLL - true NLL, with
+    its standard error `nll_gap_se@<name>` over the points. The pairing removes the spread the
+    two share (which points are in the tails), so the gap's error is far smaller than either
+    NLL's; {} for data without a closed form."""
+    log_p = true_log_density(dataset, points)
     if log_p is None:
         return {}
-    return {"nll_floor": float(-log_p.mean()), "nll_se_floor": float(log_p.std() / len(log_p) ** 0.5)}
+    floor = mean_and_se(-log_p)
+    metrics = {"nll_floor": floor["mean"], "nll_se_floor": floor["se"]}
+    for name, values in nats.items():
+        gap = mean_and_se(np.asarray(values, dtype=np.float64) + log_p)
+        metrics[f"nll_gap@{name}"], metrics[f"nll_gap_se@{name}"] = gap["mean"], gap["se"]
+    return metrics
 
 
 def _parallel_point_scores(blocks: dict, reference: np.ndarray, keep) -> None:

@@ -65,6 +65,7 @@ def test_cnf_reports_the_ode_likelihood_beside_the_mixture(workspace: Path) -> N
     run = _run(workspace, "cnf", "cnf/eight-gaussians")
     m = run["metrics"]
     assert m["nll_floor"] < m["nll@ode"] < _standard_normal_nll(_test_points(run))
+    assert m["nll_gap@ode"] == pytest.approx(m["nll@ode"] - m["nll_floor"]) and m["nll_gap_se@ode"] > 0
     assert m["w2@euler,nfe=4"] < m["w2@euler,nfe=4,untrained"]
     assert (Path(run["report"]) / "density.png").exists()
 
