@@ -43,7 +43,7 @@ GRAPHS: dict[str, Graph] = {g.name: g for g in (
     Graph("ddpm",
           "DDPM: discrete-time diffusion (linear / cosine betas), epsilon / v / x1 prediction, ancestral "
           "sampling, DDIM and the probability-flow ODE, variational bound in bits/dim",
-          "ddpm/moons", ("ddpm/moons", "ddpm/digits")),
+          "ddpm/moons", ("ddpm/moons", "ddpm/eight-gaussians", "ddpm/digits")),
     Graph("ddim",
           "DDIM sampling of a DDPM-trained model: S-step subsequences, eta from 0 (deterministic) to 1, "
           "the sigma-hat variant, trailing / leading / quadratic spacing",
@@ -79,22 +79,22 @@ GRAPHS: dict[str, Graph] = {g.name: g for g in (
           body="flows.stages:consistency"),
     Graph("nice",
           "NICE: additive coupling layers and a diagonal scaling, trained by exact maximum likelihood",
-          "nice/moons", ("nice/moons", "nice/eight-gaussians", "nice/breast-cancer")),
+          "nice/moons", ("nice/moons", "nice/eight-gaussians", "nice/breast-cancer", "nice/digits")),
     Graph("realnvp",
           "RealNVP: affine coupling (alternating / checkerboard and channel masks), multi-scale squeeze and "
           "split for images; exact likelihood, one-pass sampling",
           "realnvp/moons", ("realnvp/moons", "realnvp/eight-gaussians", "realnvp/breast-cancer", "realnvp/digits")),
     Graph("glow",
           "Glow: actnorm (data-dependent init), invertible 1x1 convolution (LU), affine coupling, multi-scale",
-          "glow/digits", ("glow/moons", "glow/digits")),
+          "glow/digits", ("glow/moons", "glow/eight-gaussians", "glow/digits")),
     Graph("maf",
           "MAF: masked autoregressive flow (MADE masks): density in one pass, sampling dimension by dimension",
-          "maf/moons", ("maf/moons", "maf/eight-gaussians", "maf/breast-cancer")),
+          "maf/moons", ("maf/moons", "maf/eight-gaussians", "maf/breast-cancer", "maf/digits")),
     Graph("iaf",
           "IAF: inverse autoregressive flow: one-pass sampling, density dimension by dimension",
-          "iaf/moons", ("iaf/moons", "iaf/eight-gaussians")),
+          "iaf/moons", ("iaf/moons", "iaf/eight-gaussians", "iaf/digits")),
     Graph("cnf",
           "Continuous normalizing flow: a velocity field trained by maximum likelihood through its ODE (exact "
           "trace or Hutchinson), kinetic / Jacobian regularization (RNODE), adaptive-solver NLL with its NFE",
-          "cnf/moons", ("cnf/moons", "cnf/eight-gaussians")),
+          "cnf/moons", ("cnf/moons", "cnf/eight-gaussians", "cnf/digits")),
 )}
