@@ -29,7 +29,7 @@ from models.metrics import reference_set, scoring_blocks, summarize_blocks
 from models.samplers import settings_for
 from models.sampling import Sampler, shards
 from tasks.config import RunConfig
-from tasks.data import dataset_folder, dataset_spec
+from tasks.data import dataset_folder
 from tasks.evaluate import feature_path, image_scores
 from tasks.infra import Ref, folder_digest, home
 
@@ -56,7 +56,7 @@ def main() -> None:
     cfg = RunConfig.model_validate(json.loads((run / "config.json").read_text()))
     summary = json.loads((run / "summary.json").read_text())
     model_dir = _find(f".gendag/models/{cfg.name}-*", summary["model_hash"])
-    data_dir = dataset_folder(dataset_spec(cfg.data, cfg.seed))
+    data_dir = dataset_folder(cfg.data.spec(cfg.seed))
     weights = feature_path(cfg, summary["data_hash"])
     for path in (data_dir, weights):
         if not path.exists():

@@ -285,11 +285,15 @@ def _read_image(file: Path, mode: str, size: int | None) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _load_image_folder(spec: DatasetSpec) -> Splits:
     folder = _require_path(spec)
     if not folder.is_dir():
         raise DatasetError(f"data.path: {folder} is not a folder — expected a folder of .png/.jpg/.jpeg images")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = _image_files(folder)
     if not files:
         raise DatasetError(f"data.path: {folder} holds no .png/.jpg/.jpeg images")
     if spec.channels not in (None, 1, 3):
@@ -390,6 +394,19 @@ _LOADERS: dict[str, Callable[[DatasetSpec], Splits]] = {
     "npy": _load_npy,
     "image_folder": _load_image_folder,
 }
+
+
+def source_files(spec: DatasetSpec) -> list[Path]:
+    """The files a dataset is read from (empty for the generated and bundled ones): what its
+    version must be keyed by, since a file changed in place is a new version."""
+    if spec.name == "npy":
+        return [_require_path(spec)]
+    if spec.name == "image_folder":
+        folder = _require_path(spec)
+        return _image_files(folder) if folder.is_dir() else []
+    if spec.name in TORCHVISION_SHAPES:
+        return torchvision_files(spec)
+    return []
 
 
 def load_dataset(spec: DatasetSpec) -> Splits:

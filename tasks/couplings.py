@@ -46,7 +46,7 @@ def generate_couplings(cfg: RunConfig, model: Ref, source: Ref | None, round_: i
     seed = coupling_seed(cfg.seed, round_)
     folder = home() / "data" / "couplings" / (
         f"{cfg.name}-{short_hash(SCHEME, model.hash, setting.label, r.pairs, seed, r.shard_size)}")
-    digest = tracked_hash(folder)
+    digest = tracked_hash(folder) or pulled_hash(folder)
     if digest is not None:
         note(f"couplings {cfg.name} round {round_}: reused the coupling set {folder.name}")
         return Ref("couplings", str(folder), digest, model.hash)

@@ -26,7 +26,7 @@ from models.likelihoods import bits_per_dim, estimate_nll, mean_and_se
 from models.metrics import point_scores, reference_set, scoring_blocks, summarize_blocks
 from models.samplers import parse_label
 from tasks.config import RunConfig
-from tasks.data import publish, read_dataset, tracked_hash
+from tasks.data import publish, read_dataset, pulled_hash, tracked_hash
 from tasks.infra import NonFiniteError, Ref, file_digest, home, require_finite, short_hash, store
 from tasks.progress import note
 
@@ -51,7 +51,7 @@ def feature_extractor(cfg: RunConfig, data: Ref) -> Ref | None:
         path = home() / cfg.evaluate.inception_weights
         return Ref("inception-weights", str(path), file_digest(path))
     target = feature_path(cfg, data.hash)
-    digest = tracked_hash(target)
+    digest = tracked_hash(target) or pulled_hash(target)
     if digest is None:
         model, info = train_feature_extractor(splits, seed=cfg.seed, epochs=cfg.evaluate.feature_epochs)
         target.parent.mkdir(parents=True, exist_ok=True)
