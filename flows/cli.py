@@ -6,6 +6,8 @@ anything is written (`tasks.preflight`)."""
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -85,8 +87,9 @@ def run(
     _run_flows(GRAPHS[graph].flow, [(cfg, folder.resolve()) for cfg, folder, _ in runs])
 
 
-def _run_flows(make_flow, runs: list[tuple], *extra) -> None:
-    """Boot the services while the flow (and torch) are imported, then run each (cfg, folder)."""
+def _run_flows(make_flow, runs: list[tuple], *extra, show=None) -> None:
+    """Boot the services while the flow (and torch) are imported, then run each (cfg, folder)
+    and `show` its summary (default: `print_summary`)."""
     from models.data import DatasetError
     from tasks.config import ConfigError
     from tasks.infra import RunError
@@ -101,7 +104,7 @@ def _run_flows(make_flow, runs: list[tuple], *extra) -> None:
             summary = graph_flow(cfg, folder, *extra)
         except (ConfigError, DatasetError, FileNotFoundError, RunError) as e:
             fail(str(e).splitlines()[0] if str(e) else repr(e))
-        print_summary(summary, folder)
+        (show or print_summary)(summary, folder)
 
 
 def _run_folder(out: Path | None, config: Path, cfg, scale: str, several: bool) -> Path:
@@ -109,6 +112,20 @@ def _run_folder(out: Path | None, config: Path, cfg, scale: str, several: bool) 
     if out is None:
         return Path("runs") / f"{cfg.name}-{scale}"
     return out / config.stem if several else out
+
+
+def open_registry(reference: str) -> None:
+    """Before reading the registry for `reference`: refuse one that does not exist, set up the
+    environment, quiet the services' set-up logs."""
+    from tasks.config import ConfigError
+    from tasks.preflight import require_registry
+
+    try:
+        require_registry(reference)
+    except ConfigError as e:
+        fail(str(e))
+    configure_environment()
+    quiet_logs()
 
 
 def model_family(model_dir: Path) -> str:
@@ -134,7 +151,7 @@ def sample(
     import yaml
 
     from tasks.config import ConfigError, apply_overrides, validate
-    from tasks.preflight import preflight, require_registry
+    from tasks.preflight import preflight
 
     overrides = list(set_)
     if sampler:
@@ -145,12 +162,7 @@ def sample(
             except yaml.YAMLError as e:
                 fail(f"--sampler {item!r}: not valid YAML ({str(e).splitlines()[0]})")
         overrides.insert(0, f"sample.samplers={yaml.safe_dump(entries, default_flow_style=True).strip()}")
-    try:
-        require_registry(model)
-    except ConfigError as e:
-        fail(str(e))
-    configure_environment()
-    quiet_logs()
+    open_registry(model)
     from tasks.registry import RegistryError, fetch_model_version
 
     try:
@@ -178,6 +190,70 @@ def sample(
         return flow(name="sample", validate_parameters=False)(resample)
 
     _run_flows(make_flow, [(cfg, folder)], ref, version)
+
+
+@app.command()
+def retrain(
+    model: str = typer.Argument(..., help="The champion: models:/<name> (alias champion) or models:/<name>@<alias>."),
+    force: bool = typer.Option(False, "--force", help="Retrain even when the data version has not changed."),
+    margin: Optional[float] = typer.Option(
+        None, "--margin", help="Promote only when this much better (relative, e.g. 0.05); default registry.promotion_margin."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a value of the champion's graph config: key=value."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<model>-retrain)."),
+) -> None:
+    """Re-run a registered model's graph from its logged config when its data version changed,
+    and move the champion alias only if the new model wins on the champion's protocol.
+
+    The new version is registered as `challenger`; the champion is re-scored on the new data
+    version with its own protocol; a report (retrain.md, also in MLflow and Prefect) says what
+    was compared and why it was or was not promoted."""
+    from tasks.config import ConfigError, apply_overrides, validate
+    from tasks.preflight import preflight
+
+    match = re.fullmatch(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+))?", model)
+    if not match:
+        fail(f"{model!r}: expected models:/<name> or models:/<name>@<alias> (a champion is an alias, not a version)")
+    open_registry(model)
+    from tasks.infra import Ref, folder_digest
+    from tasks.promote import PromotionError, find_champion
+    from tasks.registry import RegistryError, fetch_model_version
+
+    try:
+        champion = find_champion(match["name"], match["alias"] or "champion")
+        version, model_dir, tree = fetch_model_version(f"models:/{champion.name}/{champion.version}")
+    except (PromotionError, RegistryError) as e:
+        fail(str(e))
+    overrides = [*set_, "registry.auto_champion=false"]
+    if margin is not None:
+        overrides.append(f"registry.promotion_margin={margin}")
+    folder = (out or Path("runs") / f"{champion.name}-retrain").resolve()
+    origin = f"{model} (its graph's logged config)"
+    try:
+        graph_tree = json.loads(json.dumps(champion.graph_tree))
+        apply_overrides(graph_tree, overrides)
+        cfg = validate(graph_tree, origin, overrides)
+        preflight(cfg, folder / "challenger", origin, overrides)
+        own = validate(tree, f"{model} (its logged config)", family=model_family(model_dir))
+    except ConfigError as e:
+        fail(str(e))
+    rescore = (own, Ref("model", str(model_dir), folder_digest(model_dir), own.digest()), version)
+
+    def make_flow():
+        from prefect import flow
+
+        from flows.retrain import retrain as body
+
+        return flow(name="retrain", validate_parameters=False)(body)
+
+    _run_flows(make_flow, [(cfg, folder)], champion, rescore, force, show=print_decision)
+
+
+def print_decision(summary: dict, out: Path) -> None:
+    decision = summary["decision"]
+    verdict = ("[bold green]promoted[/]" if decision["promoted"] else
+               "[bold]retrained, not promoted[/]" if decision["retrained"] else "[bold]nothing to do[/]")
+    console.print(f"{summary['name']}: {verdict}: {escape(decision['reason'])}")
+    console.print(f"summary: {out / 'summary.json'}" + (f"   report: {decision['report']}" if "report" in decision else ""))
 
 
 def quiet_logs() -> None:

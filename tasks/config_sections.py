@@ -233,6 +233,10 @@ class RegisterConfig(Strict):
     experiment: Annotated[str, Field(min_length=1, max_length=500)] = "gendag"  # MLflow's limits
     alias: str = "challenger"
     champion_alias: str = "champion"
+    # A run moves champion_alias itself when it beats the champion; `gendag retrain` turns this
+    # off and decides on the champion's protocol, by promotion_margin (relative: 0.05 = 5 % lower).
+    auto_champion: StrictBool = True
+    promotion_margin: Annotated[Float, Field(ge=0, lt=1)] = 0.0
 
     @field_validator("model_name")
     @classmethod

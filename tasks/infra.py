@@ -112,6 +112,17 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested dict as `a.b.c` -> value (an empty dict stays a value)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def short_hash(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 

@@ -30,7 +30,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig
-from tasks.infra import Ref, RunError, first_line, home, require_finite
+from tasks.infra import Ref, RunError, first_line, flatten, home, require_finite
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,16 +55,6 @@ def primary_score(metrics: dict[str, float], kind: str) -> tuple[str, float]:
     scores = {k: v for k, v in metrics.items() if k.startswith(f"{name}@") and "untrained" not in k}
     best = min(scores, key=scores.get)
     return f"best_{name}", scores[best]  # finite: register checks the metrics first
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)[:500]
-    return flat
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -124,7 +114,7 @@ def _log(client, run_id: str, cfg: RunConfig, model: Ref, metrics: dict[str, flo
     now = int(time.time() * 1000)
     state = model.path / "state.json"
     losses = json.loads(state.read_text())["losses"] if state.exists() else []
-    params = [Param(k, v) for k, v in _flatten(cfg.model_dump(mode="json")).items()]
+    params = [Param(k, str(v)[:500]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
     values = [Metric(mlflow_metric_name(k), v, now, 0) for k, v in metrics.items()]
     values += [Metric("train_loss", loss, now, step) for step, loss in losses]
     for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
@@ -186,7 +176,7 @@ def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str
         current = dict(_registered_model(client, name, cfg.graph).aliases)  # alias -> version, as found
         version = _ready_version(client, name, source, run_id, {**tags, score_name: str(score)})
         aliases = [cfg.registry.alias]
-        if _beats(client, name, current.get(cfg.registry.champion_alias), score_name, score):
+        if cfg.registry.auto_champion and _beats(client, name, current.get(cfg.registry.champion_alias), score_name, score):
             aliases.append(cfg.registry.champion_alias)
         _move_aliases(client, name, version, aliases, current)
     return {"run_id": run_id, "name": name, "version": int(version), "aliases": aliases, score_name: score}
