@@ -248,6 +248,59 @@ def retrain(
     _run_flows(make_flow, [(cfg, folder)], champion, rescore, force, show=print_decision)
 
 
+@app.command()
+def serve(
+    command: list[str] = typer.Argument(..., help="The gendag command to schedule, after `--`: run ..., retrain ..., sample ..."),
+    name: str = typer.Option(..., "--name", help="The schedule's (Prefect deployment's) name."),
+    cron: Optional[str] = typer.Option(None, "--cron", help="A cron expression, e.g. '0 3 * * *' (03:00 daily)."),
+    every: Optional[float] = typer.Option(None, "--every", help="Or an interval in seconds."),
+) -> None:
+    """Deploy a gendag command on a schedule through a Prefect server and run it at every tick
+    (until interrupted), e.g. `gendag serve --name nightly --cron '0 3 * * *' -- retrain models:/gendag-fm-digits`."""
+    from tasks.infra import RunError
+
+    if (cron is None) == (every is None):
+        fail("give one of --cron or --every")
+    if every is not None and every <= 0:
+        fail(f"--every {every:g}: expected a positive number of seconds")
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron)
+        except ValueError:
+            fail(f"--cron {cron!r}: not a cron expression (five fields: minute hour day month weekday)")
+    configure_environment()
+    from flows.schedules import check_command, require_server, serve as serve_schedule
+
+    try:
+        check_command(command)
+        require_server()
+    except RunError as e:
+        fail(str(e))
+    serve_schedule(name, command, cron, every)
+
+
+@app.command()
+def schedules() -> None:
+    """The scheduled gendag commands on the Prefect server: schedule, next and last run."""
+    from tasks.infra import RunError
+
+    configure_environment()
+    from flows.schedules import list_schedules, require_server
+
+    try:
+        require_server()
+    except RunError as e:
+        fail(str(e))
+    table = Table(title="schedules (gendag serve)")
+    for column in ("name", "command", "schedule", "next run", "last run", "paused"):
+        table.add_column(column)
+    for row in list_schedules():
+        table.add_row(row["name"], row["command"], row["schedule"], row["next"], row["last"], "yes" if row["paused"] else "")
+    console.print(table)
+
+
 def print_decision(summary: dict, out: Path) -> None:
     decision = summary["decision"]
     verdict = ("[bold green]promoted[/]" if decision["promoted"] else
