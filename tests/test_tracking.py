@@ -1,6 +1,6 @@
 """What a team reads in the MLflow UI (issue 13): one run per graph, open from its first step to its
 last, with the code's commit, the data as run inputs, quality as curves against NFE, descriptions
-that say what it is and how to load it. The run-level guarantees
+that say what it is and how to load it; and `gendag runs list | compare`. The run-level guarantees
 are checked on a real SQLite store by calling the tasks directly; one tiny graph (and a re-sample of
 its model) checks the whole of it."""
 
@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from graph_runs import MOONS, gendag
+from graph_runs import MOONS, gendag, gendag_error, gendag_output
 
 from models.checkpoint import save_model
 from tasks.config import load_config
@@ -108,3 +108,28 @@ def test_the_graphs_run_spans_it_and_carries_code_data_curves_and_descriptions(t
     for text in (tags["mlflow.note.content"], version.description):
         assert "**flow-matching**" in text and "**moons** from eight_gaussians" in text and "best_w2 = " in text
         assert f"gendag sample models:/{name}/{number}" in text
+
+
+@pytest.mark.integration
+def test_runs_list_and_compare(tracked: dict, workspace: Path) -> None:
+    """`gendag sample` opens its own run too; `runs list` shows both, `runs compare` their differences."""
+    from mlflow import MlflowClient
+
+    reg = tracked["registered_model"]
+    again = gendag("sample", f"models:/{reg['name']}/{reg['version']}", "--sampler", "{method: euler, nfe: [2, 8]}",
+                   "--out", str(workspace / "runs" / "tracked-again"))
+    evaluation = MlflowClient().get_run(again["mlflow_run_id"])
+    assert evaluation.info.status == "FINISHED" and evaluation.data.tags["mlflow.source.name"] == "gendag sample"
+    assert evaluation.data.tags["gendag.evaluated_model"] == f"{reg['name']}/{reg['version']}"
+    assert [m.step for m in MlflowClient().get_metric_history(again["mlflow_run_id"], "w2/euler")] == [2, 8]
+
+    listed = gendag_output("runs", "list", "--limit", "5")
+    lines = [line for line in listed.splitlines() if "fm-tracked" in line]
+    assert len(lines) == 2 and again["mlflow_run_id"][:8] in lines[0] and tracked["mlflow_run_id"][:8] in lines[1]
+    assert "FINISHED" in lines[1] and "flow-matching" in lines[1] and "moons" in lines[1] and "best_w2" in lines[1]
+
+    compared = gendag_output("runs", "compare", tracked["mlflow_run_id"][:8], again["mlflow_run_id"][:8])
+    assert "sample.samplers" in compared and "w2/euler/nfe_8" in compared and "data.name" not in compared
+    assert "data.name" in gendag_output("runs", "compare", tracked["mlflow_run_id"], again["mlflow_run_id"], "--all")
+    assert "run 'nope': no such run in sqlite:///" in gendag_error("runs", "compare", "nope", again["mlflow_run_id"])
+    assert "--experiment nope: no such experiment" in gendag_error("runs", "list", "--experiment", "nope")
