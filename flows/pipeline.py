@@ -91,7 +91,7 @@ def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
         samples, metrics = sample_and_evaluate(cfg, model, inputs)
         kind, files = report(cfg, graph.staging / "report", model, inputs, samples, metrics)
         registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data),
-                              run=graph.mlflow.run_id)
+                              run=graph.mlflow.run_id, source=inputs.source)
         return write_summary(graph.staging, out, cfg, inputs.data, model, metrics, registered, seconds={"train": seconds})
 
 

@@ -60,7 +60,7 @@ class StageRunner:
             registered = log_evaluation(stage.cfg, stage.model, metrics, files, tags, stage.registered, parent=self.parent)
         else:
             registered = register(stage.cfg, kind, stage.model, self.inputs.data, metrics, files, tags,
-                                  parent=self.parent)
+                                  parent=self.parent, source=self.inputs.source)
         self.kind, self.last = kind, (stage, metrics, registered)
         self.metrics[stage.label], self.seconds[stage.label] = metrics, stage.seconds
         self.done.append({"stage": stage.label, "name": registered["name"], "version": registered["version"],

@@ -1,12 +1,14 @@
-"""Record a run in MLflow and register its model version with aliases.
+"""Record a graph in MLflow and register its model version with aliases.
 
-The model is stored as safetensors weights + a JSON spec (no pickle); a version
-gets the `challenger` alias, and `champion` when it beats the current champion
-on the primary metric (lower is better) or when there is none yet.
+A graph is one MLflow run, opened when it starts (`graph_run`): a single-stage graph registers
+into it, a multi-stage graph's stages are runs nested in it. The model is stored as safetensors
+weights + a JSON spec, and as a standard MLflow pyfunc model built from code around them (no
+pickle anywhere); a version gets the `challenger` alias, and `champion` when it beats the
+current champion on the primary metric (lower is better) or when there is none yet.
 
 Guarantees (nothing false in the registry):
-- nothing non-finite is logged, registered or promoted: the metrics are checked before the
-  run starts, and a champion whose score is not a number is beaten by any finite one;
+- nothing non-finite is logged, registered or promoted: the metrics are checked before any of
+  the registration is logged, and a champion whose score is not a number is beaten by any finite one;
 - a run ends FINISHED only once everything is logged, its version is READY and its aliases
   are moved; whatever fails after it started marks it FAILED (when the store still answers)
   and reaches the user as one `RunError` line saying what was left behind;
@@ -22,6 +24,7 @@ import logging
 import math
 import re
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,12 +52,17 @@ def mlflow_metric_name(name: str) -> str:
     return re.sub(r"[^\w\-./: ]", "_", name.replace("@", "/").replace("=", "_").replace(",", "/"))
 
 
-def primary_score(metrics: dict[str, float], kind: str) -> tuple[str, float]:
-    """Best value of the primary metric over the trained model's settings."""
+def best_label(metrics: dict[str, float], kind: str) -> tuple[str, str]:
+    """(the primary metric, the label of the trained model's setting that scored best on it)."""
     name = {"images": "fid", "points": "w2"}[kind]
     scores = {k: v for k, v in metrics.items() if k.startswith(f"{name}@") and "untrained" not in k}
-    best = min(scores, key=scores.get)
-    return f"best_{name}", scores[best]  # finite: register checks the metrics first
+    return name, min(scores, key=scores.get).partition("@")[2]
+
+
+def primary_score(metrics: dict[str, float], kind: str) -> tuple[str, float]:
+    """Best value of the primary metric over the trained model's settings."""
+    name, label = best_label(metrics, kind)
+    return f"best_{name}", metrics[f"{name}@{label}"]  # finite: register checks the metrics first
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -127,12 +135,12 @@ def recorded_run(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_f
                  tags: dict[str, str], log_model: bool = True, run_id: str | None = None):
     """Params, config, metrics (and their NFE curves), training loss, report (and model) files in
     an MLflow run (`tracked_run`: a new one, or the graph's open `run_id`). Yields (client, run
-    id, the model folder's artifact URI) for the caller to finish the registry work the run stands
-    for; a store failure in any of it is one `StoreError` line."""
+    id, the run's artifact URI) for the caller to finish the registry work the run stands for; a
+    store failure in any of it is one `StoreError` line."""
     with tracked_run("register", cfg, tags, run_id) as (client, run_id), \
             _store_step(f"register {cfg.name}", client, run_id):
         _log(client, run_id, cfg, model, metrics, report_files, log_model)
-        yield client, run_id, f"{client.get_run(run_id).info.artifact_uri}/model"
+        yield client, run_id, client.get_run(run_id).info.artifact_uri
 
 
 def _quiet_store_logs() -> None:
@@ -168,6 +176,25 @@ def _log(client, run_id: str, cfg: RunConfig, model: Ref, metrics: dict[str, flo
         client.log_artifact(run_id, str(file), artifact_path="report")
     for file in ("model.safetensors", "model.json") if log_model else ():
         client.log_artifact(run_id, str(model.path / file), artifact_path="model")
+
+
+def _log_pyfunc(client, run_id: str, model: Ref, source: Ref | None, setting) -> None:
+    """The model as a standard MLflow model under `pyfunc/` (`tasks/pyfunc_model.py`: models from
+    code, no pickle), sampling with `setting`: what the registered version points at."""
+    import mlflow
+    import torch
+    from mlflow.pyfunc import save_model
+
+    artifacts = {"weights": str(model.path / "model.safetensors"), "spec": str(model.path / "model.json")}
+    if source:
+        artifacts["source"] = str(source.path / "test.npy")
+    sampler = {"method": setting.method, "nfe": setting.nfe, "params": dict(setting.params)}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(Path(tmp) / "pyfunc", python_model=str(CODE_ROOT / "tasks" / "pyfunc_model.py"),
+                   artifacts=artifacts, code_paths=[str(CODE_ROOT / "models")], model_config={"sampler": sampler},
+                   pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                                     "safetensors", "numpy"])
+        client.log_artifacts(run_id, str(Path(tmp) / "pyfunc"), artifact_path="pyfunc")
 
 
 def curve_point(name: str) -> tuple[str, int] | None:
@@ -223,7 +250,8 @@ def describe(cfg: RunConfig, result: str = "", model: dict | None = None) -> str
             f"{f' from {source.name}' if source else ''}, objective `{cfg.objective}`{'; ' + result if result else ''}.")
     if model:
         uri = f"models:/{model['name']}/{model['version']}"
-        text += (f"\n\nModel {model['name']} v{model['version']}. Load it:\n\n    gendag sample {uri}\n")
+        text += (f"\n\nModel {model['name']} v{model['version']}. Load it:\n\n    gendag sample {uri}\n"
+                 f"    mlflow.pyfunc.load_model('{uri}').predict({{'n': 16, 'seed': 0}})\n")
     return text
 
 
@@ -264,21 +292,28 @@ def graph_run(cfg: RunConfig, tags: dict[str, str]):
 @task(name="register", cache_policy=NO_CACHE)
 def register(cfg: RunConfig, kind: str, model: Ref, data: Ref, metrics: dict[str, float],
              report_files: list[Path], lineage: dict[str, str], parent: str | None = None,
-             run: str | None = None) -> dict:
-    """Log params, config, metrics, lineage, the data, plots and the model; register a READY
-    version; describe both; then, last, move the aliases (`registry.alias`, and
-    `registry.champion_alias` if it wins). With `parent` (a graph's MLflow run id) the run is
-    nested in it; with `run` (the graph's own open run) all of it goes into that run."""
+             run: str | None = None, source: Ref | None = None) -> dict:
+    """Log params, config, metrics, lineage, the data, plots and the model (its files, and an
+    MLflow pyfunc model sampling with its best setting, from `source` when it starts from a
+    dataset); register a READY version; describe both; then, last, move the aliases
+    (`registry.alias`, and `registry.champion_alias` if it wins). With `parent` (a graph's MLflow
+    run id) the run is nested in it; with `run` (the graph's own open run) all of it goes into
+    that run."""
+    from models.sampling import sampling_grid
+
     require_finite(metrics, f"register {cfg.name}")
     score_name, score = primary_score(metrics, kind)
+    label = best_label(metrics, kind)[1]
+    setting = next(s for s in sampling_grid(cfg.sample.samplers, baseline=False) if s.label == label)
     tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, **lineage}
     nested = {"mlflow.parentRunId": parent} if parent else {}
     name = cfg.model_name
     with recorded_run(cfg, model, metrics | {score_name: score}, report_files, tags | nested, run_id=run) as (
-            client, run_id, source):
-        log_datasets(client, run_id, {"train": data})
+            client, run_id, artifacts):
+        log_datasets(client, run_id, {"train": data, "source": source})
+        _log_pyfunc(client, run_id, model, source, setting)
         current = dict(_registered_model(client, name, cfg.graph).aliases)  # alias -> version, as found
-        version = _ready_version(client, name, source, run_id, {**tags, score_name: str(score)})
+        version = _ready_version(client, name, f"{artifacts}/pyfunc", run_id, {**tags, score_name: str(score)})
         _describe(client, run_id, describe(cfg, f"{score_name} = {score:.4g}", {"name": name, "version": version}),
                   name, version)
         aliases = [cfg.registry.alias]

@@ -107,7 +107,33 @@ def test_the_graphs_run_spans_it_and_carries_code_data_curves_and_descriptions(t
     name, number = version.name, version.version
     for text in (tags["mlflow.note.content"], version.description):
         assert "**flow-matching**" in text and "**moons** from eight_gaussians" in text and "best_w2 = " in text
-        assert f"gendag sample models:/{name}/{number}" in text
+        assert f"gendag sample models:/{name}/{number}" in text and f"mlflow.pyfunc.load_model('models:/{name}/{number}')" in text
+
+
+PREDICT = """
+import sys, mlflow, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+a, b = model.predict({"n": 16, "seed": 0}), model.predict({"n": 16, "seed": 0})
+import models
+print(a.shape, bool(np.isfinite(a).all() and (a == b).all()), models.__file__)
+"""
+
+
+@pytest.mark.integration
+def test_the_champion_loads_with_mlflow_alone_and_samples(tracked: dict, tmp_path: Path) -> None:
+    """`mlflow.pyfunc.load_model("models:/<name>@champion").predict({"n": 16, "seed": 0})`, in a fresh
+    process outside the repository: 16 samples, the same for the same seed, from the model's own
+    copy of the `models` package."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GENDAG_HOME")}
+    done = subprocess.run([sys.executable, "-c", PREDICT, f"models:/{tracked['registered_model']['name']}@champion"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shape, same, module = done.stdout.strip().rsplit(" ", 2)
+    assert shape.endswith("(16, 2)") and same == "True"
+    assert str(Path(__file__).parents[1]) not in module and "/code/models/" in module
 
 
 @pytest.mark.integration
