@@ -114,7 +114,7 @@ def _run_folder(out: Path | None, config: Path, cfg, scale: str, several: bool) 
     return out / config.stem if several else out
 
 
-def open_registry(reference: str) -> None:
+def open_store(reference: str) -> None:
     """Before reading the registry for `reference`: refuse one that does not exist, set up the
     environment, quiet the services' set-up logs."""
     from tasks.config import ConfigError
@@ -162,7 +162,7 @@ def sample(
             except yaml.YAMLError as e:
                 fail(f"--sampler {item!r}: not valid YAML ({str(e).splitlines()[0]})")
         overrides.insert(0, f"sample.samplers={yaml.safe_dump(entries, default_flow_style=True).strip()}")
-    open_registry(model)
+    open_store(model)
     from tasks.registry import RegistryError, fetch_model_version
 
     try:
@@ -213,7 +213,7 @@ def retrain(
     match = re.fullmatch(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+))?", model)
     if not match:
         fail(f"{model!r}: expected models:/<name> or models:/<name>@<alias> (a champion is an alias, not a version)")
-    open_registry(model)
+    open_store(model)
     from tasks.infra import Ref, folder_digest
     from tasks.promote import PromotionError, find_champion
     from tasks.registry import RegistryError, fetch_model_version
@@ -383,6 +383,72 @@ def dvc(check: bool = typer.Option(False, "--check", help="Only check that dvc.y
         return
     path.write_text(text)
     console.print(f"wrote {path}")
+
+
+runs_app = typer.Typer(no_args_is_help=True, help="The MLflow runs of the graphs: list them, compare two.")
+app.add_typer(runs_app, name="runs")
+
+
+def _print_wide(table: Table) -> None:
+    """A table of ids and names on a terminal, or whole (not cut at 80 columns) into a pipe."""
+    (console if console.is_terminal else Console(width=200)).print(table)
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{seconds:.1f} s" if seconds < 60 else f"{minutes} min {rest} s" if minutes < 60 else f"{minutes / 60:.1f} h"
+
+
+@runs_app.command(name="list")
+def runs_list(
+    experiment: str = typer.Option("gendag", "--experiment", "-e", help="MLflow experiment (registry.experiment)."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many runs, newest first."),
+) -> None:
+    """The latest runs: id, name (a stage's run is marked with ↳), graph, dataset, status, start,
+    duration and primary score."""
+    import datetime
+
+    from tasks.runs import RunLookupError, latest_runs
+
+    open_store("runs list")
+    try:
+        rows = latest_runs(experiment, limit)
+    except RunLookupError as e:
+        fail(str(e))
+    table = Table(title=f"MLflow runs · experiment {experiment} (gendag runs compare <run> <run>)")
+    for column in ("run", "name", "graph", "dataset", "status", "start", "duration", "score"):
+        table.add_column(column, justify="right" if column in ("duration", "score") else "left")
+    for row in rows:
+        start = datetime.datetime.fromtimestamp(row.start).strftime("%Y-%m-%d %H:%M:%S")
+        score = f"{row.score[0]} {row.score[1]:.4g}" if row.score else "-"
+        table.add_row(row.run_id[:8], ("↳ " if row.nested else "") + escape(row.name), row.graph, row.dataset,
+                      row.status, start, _duration(row.seconds), score)
+    _print_wide(table)
+
+
+@runs_app.command(name="compare")
+def runs_compare(
+    first: str = typer.Argument(..., help="A run id, or its start as `gendag runs list` prints it."),
+    second: str = typer.Argument(..., help="The other run."),
+    all_: bool = typer.Option(False, "--all", help="Also the params and metrics that are the same."),
+) -> None:
+    """Two runs' params and metrics side by side, those that differ first (only those, without --all)."""
+    from tasks.runs import RunLookupError, compare, find_run
+
+    open_store("runs compare")
+    try:
+        a, b = find_run(first), find_run(second)
+    except RunLookupError as e:
+        fail(str(e))
+    table = Table(title=f"{escape(a.info.run_name or '')} vs {escape(b.info.run_name or '')}")
+    for column in ("", "name", a.info.run_id[:8], b.info.run_id[:8]):
+        table.add_column(column)
+    rows = compare(a, b, all_)
+    for row in rows:
+        table.add_row(*map(escape, row))
+    _print_wide(table)
+    if not rows:
+        console.print("the two runs have the same params and metrics")
 
 
 def main() -> None:

@@ -4,13 +4,15 @@
 
 A graph's body is a short composition of these; `train_and_evaluate` is the standard one
 (flow matching, DDPM, DDIM). `resample` re-samples and re-scores a registered model with
-another sampler grid (`gendag sample`). A body runs inside `run_outputs`: its report and
-summary reach the output folder only when all of it succeeded.
+another sampler grid (`gendag sample`). A body runs inside `started` (`run_outputs` and
+`graph_run`): its report and summary reach the output folder only when all of it succeeded,
+and its MLflow run is open from its first step to its last.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tasks.config import RunConfig
 from tasks.data import read_dataset, version_dataset
 from tasks.evaluate import evaluate, feature_extractor
 from tasks.infra import Ref
-from tasks.register import log_evaluation, register
+from tasks.register import GraphRun, graph_run, log_evaluation, register
 from tasks.report import DENSITY_LIKELIHOODS, write_report
 from tasks.sample import sample
 from tasks.train import train
@@ -39,6 +41,23 @@ def prepare_data(cfg: RunConfig) -> Inputs:
     source_data = cfg.source_config.as_data()
     source = version_dataset(source_data, cfg.seed + 1) if source_data else None
     return Inputs(data, source, feature_extractor(cfg, data))
+
+
+@dataclass(frozen=True)
+class Started:
+    staging: Path  # where the run's files go until it has succeeded (`run_outputs`)
+    mlflow: GraphRun  # the graph's MLflow run, open from its first step
+    inputs: Inputs
+
+
+@contextmanager
+def started(cfg: RunConfig, out: Path):
+    """A graph from its first step: its staging folder, its MLflow run (open until the body ends),
+    and its data versioned and logged as the run's inputs."""
+    with run_outputs(out) as staging, graph_run(cfg, lineage(cfg, None)) as run:
+        inputs = prepare_data(cfg)
+        run.log_datasets({"train": inputs.data, "source": inputs.source})
+        yield Started(staging, run, inputs)
 
 
 def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs,
@@ -64,23 +83,23 @@ def timed(work, *args, **kwargs):
 
 
 def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
-    """data -> train -> sample (the config's grid) -> evaluate -> report -> register."""
-    with run_outputs(out) as staging:
-        inputs = prepare_data(cfg)
+    """data -> train -> sample (the config's grid) -> evaluate -> report -> register, all in one MLflow run."""
+    with started(cfg, out) as graph:
+        inputs = graph.inputs
         levels = read_dataset(inputs.data).levels  # a likelihood objective dequantizes by them
         model, seconds = timed(train, cfg, inputs.data, inputs.source, options=cfg.objective_options(levels))
         samples, metrics = sample_and_evaluate(cfg, model, inputs)
-        kind, files = report(cfg, staging / "report", model, inputs, samples, metrics)
-        registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data))
-        return write_summary(staging, out, cfg, inputs.data, model, metrics, registered, seconds={"train": seconds})
+        kind, files = report(cfg, graph.staging / "report", model, inputs, samples, metrics)
+        registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data),
+                              run=graph.mlflow.run_id, source=inputs.source)
+        return write_summary(graph.staging, out, cfg, inputs.data, model, metrics, registered, seconds={"train": seconds})
 
 
 def resample(cfg: RunConfig, out: Path, model: Ref, version: dict) -> dict:
     """A registered model (no training) -> sample (another grid) -> evaluate -> report -> a new
     MLflow run linked to the model version `version` ({name, version, run_id})."""
-    with run_outputs(out) as staging:
-        inputs = prepare_data(cfg)
-        samples, metrics = sample_and_evaluate(cfg, model, inputs)
-        _, files = report(cfg, staging / "report", model, inputs, samples, metrics)
-        logged = log_evaluation(cfg, model, metrics, files, lineage(cfg, inputs.data), version)
-        return write_summary(staging, out, cfg, inputs.data, model, metrics, logged)
+    with started(cfg, out) as graph:
+        samples, metrics = sample_and_evaluate(cfg, model, graph.inputs)
+        _, files = report(cfg, graph.staging / "report", model, graph.inputs, samples, metrics)
+        logged = log_evaluation(cfg, model, metrics, files, lineage(cfg, graph.inputs.data), version, run=graph.mlflow.run_id)
+        return write_summary(graph.staging, out, cfg, graph.inputs.data, model, metrics, logged)

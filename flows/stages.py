@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.pipeline import Inputs, prepare_data, report, sample_and_evaluate, timed
-from flows.summary import lineage, run_outputs, write_summary
+from flows.pipeline import Inputs, report, sample_and_evaluate, started, timed
+from flows.summary import lineage, write_summary
 from tasks.config import RunConfig
 from tasks.couplings import coupling_manifest, generate_couplings, measure_straightness
 from tasks.infra import Ref, folder_digest
-from tasks.register import graph_run, log_evaluation, log_graph_results, register
+from tasks.register import GraphRun, describe, log_evaluation, register
 from tasks.registry import fetch_model_version
 from tasks.report import reading_order, stages_report
 from tasks.train import train
@@ -60,7 +60,7 @@ class StageRunner:
             registered = log_evaluation(stage.cfg, stage.model, metrics, files, tags, stage.registered, parent=self.parent)
         else:
             registered = register(stage.cfg, kind, stage.model, self.inputs.data, metrics, files, tags,
-                                  parent=self.parent)
+                                  parent=self.parent, source=self.inputs.source)
         self.kind, self.last = kind, (stage, metrics, registered)
         self.metrics[stage.label], self.seconds[stage.label] = metrics, stage.seconds
         self.done.append({"stage": stage.label, "name": registered["name"], "version": registered["version"],
@@ -69,24 +69,24 @@ class StageRunner:
                           "metrics": {k: metrics[k] for k in sorted(metrics, key=reading_order)}})
         return registered
 
-    def close(self, client, out: Path) -> dict:
+    def close(self, graph: GraphRun, out: Path) -> dict:
         """Every stage side by side (table, plot) on the graph's run; the summary of the last stage."""
         files = stages_report(self.metrics, self.kind, self.staging / "report", self.seconds)
         results = {f"{label}/{name}": value for label, metrics in self.metrics.items() for name, value in metrics.items()}
         results |= {f"{label}/seconds_{what}": value for label, spent in self.seconds.items() for what, value in spent.items()}
-        log_graph_results(client, self.parent, results, files)
         last, metrics, registered = self.last
+        stages = ", ".join(f"{s['stage']} ({s['name']} v{s['version']})" for s in self.done)
+        graph.log_results(results, files, describe(self.cfg, f"stages {stages}", registered))
         return write_summary(self.staging, out, last.cfg, self.inputs.data, last.model, metrics, registered, self.done)
 
 
 def staged(body):
     """Run a stage graph's `body(cfg, inputs, runner)` inside its outputs folder and parent MLflow run."""
     def graph(cfg: RunConfig, out: Path) -> dict:
-        with run_outputs(out) as staging, graph_run(cfg, lineage(cfg, None)) as (client, parent):
-            inputs = prepare_data(cfg)
-            runner = StageRunner(cfg, staging, inputs, parent)
-            body(cfg, inputs, runner)
-            return runner.close(client, out)
+        with started(cfg, out) as begun:
+            runner = StageRunner(cfg, begun.staging, begun.inputs, begun.mlflow.run_id)
+            body(cfg, begun.inputs, runner)
+            return runner.close(begun.mlflow, out)
     graph.__doc__ = body.__doc__
     return graph
 

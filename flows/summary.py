@@ -22,9 +22,16 @@ def prefect_flow_run_id() -> str:
 
 
 def lineage(cfg: RunConfig, data: Ref | None) -> dict[str, str]:
-    """Tags that tie a registered model to its code, data, config and orchestration run."""
+    """Tags that tie a registered model to its code, data, config and orchestration run (with
+    MLflow's own tags for the code: the UI shows them as the run's source and commit)."""
+    from prefect.runtime import flow_run
+
+    commit = git_commit()
     return {
-        "gendag.git_commit": git_commit(),
+        "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+        "mlflow.source.name": f"gendag {flow_run.flow_name}",
+        "mlflow.source.type": "LOCAL",
+        "gendag.git_commit": commit,
         **({"gendag.data_hash": data.hash} if data else {}),
         "gendag.config_hash": cfg.digest(),
         "gendag.prefect_flow_run_id": prefect_flow_run_id(),

@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from models.sampling import shard_seed
 from models.samplers import settings_for
 from tasks.config import RunConfig
-from tasks.data import publish, tracked_hash
+from tasks.data import publish, pulled_hash, tracked_hash
 from tasks.infra import Ref, home, short_hash
 from tasks.progress import note
 from tasks.runtime import ensure_ray
