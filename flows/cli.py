@@ -392,7 +392,7 @@ def services_status(folder: Optional[Path] = DirOption) -> None:
         table.add_column(column)
     for row in status(layout):
         pids = row["pids"]
-        table.add_row(row["service"], row["address"], (", ".join(map(str, pids[:3])) + (" ..." if len(pids) > 3 else "")) or "-",
+        table.add_row(row["service"], row["address"], f"{pids[0]}" + (f" +{len(pids) - 1}" if len(pids) > 1 else "") if pids else "-",
                       "[green]up[/]" if row["up"] else "[red]down[/]", row["detail"])
     console.print(table)
 

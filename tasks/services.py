@@ -255,8 +255,8 @@ class Postgres(Service):
         result = subprocess.run([str(pg_bin() / tool), *args], capture_output=True, text=True, user=user,
                                 stdin=subprocess.DEVNULL, cwd=self.folder)
         if check and result.returncode:
-            raise ServiceError(f"postgres: {tool} failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}; "
-                               f"see {self.log}")
+            said = (result.stderr or result.stdout).strip().splitlines() or [f"exit code {result.returncode}"]
+            raise ServiceError(f"postgres: {tool} failed: {said[-1]} (see {self.log})")
         return result
 
     def _as_root(self) -> None:
