@@ -24,7 +24,7 @@ from tasks.infra import QUIET_ENV, RunError, home, short_hash
 
 ROOT = Path(__file__).resolve().parents[1]  # the code the Ray nodes import
 BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 240.0
+START_TIMEOUT_S = 600.0  # a first start migrates two databases; slow on a loaded 2-core machine
 STOP_TIMEOUT_S = 20.0
 PG_SYSTEM_USER = "pgserver"  # postgres refuses to run as root: as root, it runs as this user
 # Ray ports after its GCS port: head node manager, object manager, agent, dashboard; the worker's
@@ -324,7 +324,7 @@ class MLflow(Service):
         host = self.layout.host
         args = [str(BIN / "mlflow"), "server", "--backend-store-uri", Postgres(self.layout).uri(),
                 "--artifacts-destination", str(self.layout.dir / "mlartifacts"), "--serve-artifacts",
-                "--host", host, "--port", str(self.port), "--workers", "2"]
+                "--host", host, "--port", str(self.port), "--workers", "1"]
         if host not in ("127.0.0.1", "localhost"):
             args += ["--allowed-hosts", f"{host},{host}:{self.port},localhost,localhost:{self.port}"]
         self.spawn(args)
