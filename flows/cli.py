@@ -451,6 +451,71 @@ def runs_compare(
         console.print("the two runs have the same params and metrics")
 
 
+services_app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+    "The team's shared services on this machine: PostgreSQL, an MLflow server on it, a Prefect server and a "
+    "two-node Ray cluster; state under one folder (--dir). `source <dir>/env.sh` points a workstation at them."))
+app.add_typer(services_app, name="services")
+DirOption = typer.Option(None, "--dir", help="The services' folder (default <workspace>/.gendag/services).")
+
+
+def _layout(folder: Path | None):
+    from tasks.services import Layout, default_dir
+
+    return Layout.load((folder or default_dir()).resolve())
+
+
+@services_app.command("up")
+def services_up(
+    folder: Optional[Path] = DirOption,
+    host: Optional[str] = typer.Option(None, "--host", help="Address to bind every service to (default 127.0.0.1)."),
+    postgres_port: Optional[int] = typer.Option(None, "--postgres-port", help="PostgreSQL's port (default 5433)."),
+    mlflow_port: Optional[int] = typer.Option(None, "--mlflow-port", help="MLflow server's port (default 5000)."),
+    prefect_port: Optional[int] = typer.Option(None, "--prefect-port", help="Prefect server's port (default 4200)."),
+    ray_port: Optional[int] = typer.Option(None, "--ray-port", help="Ray head's GCS port (default 6380; the 7 "
+                                           "ports after it are the nodes' own)."),
+) -> None:
+    """Start every service not up yet, wait until each answers, print and write (env.sh) the
+    environment a workstation sets to use them. The last ports given in this folder are kept."""
+    from dataclasses import replace
+
+    from tasks.services import ServiceError, up
+
+    given = {"host": host, "postgres_port": postgres_port, "mlflow_port": mlflow_port,
+             "prefect_port": prefect_port, "ray_port": ray_port}
+    layout = replace(_layout(folder), **{k: v for k, v in given.items() if v is not None})
+    try:
+        env = up(layout, say=console.print)
+    except ServiceError as e:
+        fail(str(e), code=1)
+    console.print(f"# a workstation uses them with: source {layout.dir / 'env.sh'}")
+    for key, value in env.items():
+        console.print(f"export {key}={value}", highlight=False, soft_wrap=True)
+
+
+@services_app.command("down")
+def services_down(folder: Optional[Path] = DirOption) -> None:
+    """Stop the services of the folder in reverse order (Ray, Prefect, MLflow, PostgreSQL)."""
+    from tasks.services import down
+
+    down(_layout(folder), say=console.print)
+
+
+@services_app.command("status")
+def services_status(folder: Optional[Path] = DirOption) -> None:
+    """A table of the services of the folder: address, pids, up or down."""
+    from tasks.services import status
+
+    layout = _layout(folder)
+    table = Table(title=f"services in {layout.dir}")
+    for column in ("service", "address", "pid", "state", "detail"):
+        table.add_column(column)
+    for row in status(layout):
+        pids = row["pids"]
+        table.add_row(row["service"], row["address"], f"{pids[0]}" + (f" +{len(pids) - 1}" if len(pids) > 1 else "") if pids else "-",
+                      "[green]up[/]" if row["up"] else "[red]down[/]", row["detail"])
+    console.print(table)
+
+
 def main() -> None:
     app(prog_name="gendag")
 

@@ -45,7 +45,9 @@ class ProgressBoard:
 
     @classmethod
     def create(cls, run: str) -> "ProgressBoard":
-        name = f"gendag-progress-{run}"
+        """The board of training run `run` in this driver: named by the driver's job too, so two
+        workstations training the same run on one cluster do not share (and kill) one board."""
+        name = f"gendag-progress-{run}-{ray.get_runtime_context().get_job_id()}"
         return cls(name, _Board.options(name=name, get_if_exists=True, lifetime="detached").remote())
 
     @classmethod

@@ -337,16 +337,31 @@ def _describe(client, run_id: str, text: str, name: str | None = None, version: 
         client.update_model_version(name, version, description=text)
 
 
-def _registered_model(client, name: str, graph: str):
-    """The registered model `name`, created if missing."""
+def _get_or_create(get, create):
+    """`get()`, else `create()`; when another process created it in between (two graphs
+    registering at once on a shared server), `get()` again."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_registered_model(name)
+        found = get()
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        return client.create_registered_model(name, description=f"gendag {graph} models")
+        found = None
+    if found is not None:
+        return found
+    try:
+        return create()
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return get()
+
+
+def _registered_model(client, name: str, graph: str):
+    """The registered model `name`, created if missing."""
+    return _get_or_create(lambda: client.get_registered_model(name),
+                          lambda: client.create_registered_model(name, description=f"gendag {graph} models"))
 
 
 def _ready_version(client, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
@@ -393,8 +408,8 @@ def _experiment_id(client, name: str) -> str:
     """The experiment's id, created if missing; with a local SQLite store, artifacts go to the workspace."""
     import mlflow
 
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
     local = mlflow.get_tracking_uri().startswith("sqlite:")
-    return client.create_experiment(name, artifact_location=(home() / "mlartifacts").as_uri() if local else None)
+    location = (home() / "mlartifacts").as_uri() if local else None
+    found = _get_or_create(lambda: client.get_experiment_by_name(name),
+                           lambda: client.create_experiment(name, artifact_location=location))
+    return found if isinstance(found, str) else found.experiment_id

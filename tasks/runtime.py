@@ -30,8 +30,9 @@ def ensure_ray() -> None:
     # read by Ray Train's controller actor: given to every worker process of this job
     jobs = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
                                                                              TRAIN_POLL_S)}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(namespace="gendag", log_to_driver=False, runtime_env=jobs)
+    common = {"namespace": "gendag", "configure_logging": True, "logging_level": "ERROR", "runtime_env": jobs}
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (e.g. `gendag services up`): connect, start nothing
+        ray.init(log_to_driver=False, **common)
         return
     # A short temp dir: Ray's unix sockets live under it and paths are length-limited.
     tmp = os.environ.get("GENDAG_RAY_TMP")
@@ -41,12 +42,9 @@ def ensure_ray() -> None:
     ray.init(
         num_cpus=os.cpu_count(),
         include_dashboard=False,
-        namespace="gendag",
         log_to_driver=os.environ.get("GENDAG_RAY_LOGS", "0") == "1",
         _temp_dir=tmp,
-        configure_logging=True,
-        logging_level="ERROR",
-        runtime_env=jobs,
+        **common,
     )
 
 
