@@ -25,6 +25,9 @@ from tasks.infra import Ref, file_digest, home, short_hash, store
 
 _DVC_LOCK = threading.Lock()
 logging.getLogger("dvc").setLevel(logging.WARNING)  # its git hints are noise here
+# A pull of a version the remote does not hold (a fresh clone) warns of the missing files: expected,
+# the version is rebuilt.
+logging.getLogger("dvc_data.index.fetch").setLevel(logging.ERROR)
 
 
 def dvc_repo():
