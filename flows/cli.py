@@ -14,22 +14,23 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from flows import team_cli
+from flows import table_cli, team_cli
 from flows.cli_support import _run_flows, console, fail, model_family, open_store
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # as tasks.config has it (imported late: torch)
 ROOT = CONFIGS.parent
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(team_cli.app)  # retrain, serve, schedules, runs, services
+app.add_typer(table_cli.app)  # table
 def resolve_config(graph: str, config: str | None) -> Path:
     """A path, or a name under configs/ (with or without `.yaml`)."""
     from flows.graphs import GRAPHS
+    from tasks.config import find_config
 
-    name = config or GRAPHS[graph].default_config
-    for path in (Path(name), CONFIGS / name, CONFIGS / f"{name}.yaml", CONFIGS / graph / f"{name}.yaml"):
-        if path.is_file():
-            return path
+    path = find_config(graph, config or GRAPHS[graph].default_config)
+    if path:
+        return path
     fail(f"--config {config}: no such file (looked in . and {CONFIGS})")
 
 

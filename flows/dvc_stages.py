@@ -1,7 +1,9 @@
 """dvc.yaml, written from the graph registry (`gendag dvc`; `gendag dvc --check` in the tests).
 
 Each graph gets a stage that runs its shipped configs at cpu scale in one process, so
-`dvc repro <graph>` reruns a graph only when its code, configs or the pinned stack changed.
+`dvc repro <graph>` reruns a graph only when its code, configs or the pinned stack changed;
+each table (`configs/tables/`) a stage `table-<name>` that remakes it at cpu scale when its
+table file, its runs' configs, the code or the stack changed.
 The main job's graph (`MAIN_JOB`) is the stage `main`, which runs `make run`. Prefect owns the task graph; DVC owns data
 versions and decides what to rerun.
 """
@@ -35,4 +37,12 @@ def dvc_yaml() -> str:
         cmd = "make run" if main else f".venv/bin/gendag run {graph.name} {args} --scale cpu --out {out}"
         lines += _stage(stage, cmd, [f"configs/{c}.yaml" for c in graph.configs],
                         [f"{out}/{c.split('/')[-1]}/summary.json" for c in graph.configs])
+    from tasks.table_config import load_table, table_names
+
+    for name in table_names():
+        table = load_table(name)
+        configs = sorted({f"configs/{run.config}.yaml" for run in table.runs.values()})
+        lines += _stage(f"table-{name}", f".venv/bin/gendag table {name} --scale cpu",
+                        [f"configs/tables/{name}.yaml", *configs],
+                        [f"reports/tables/{name}/table.md", f"reports/tables/{name}/manifest.json"])
     return HEADER + "\n".join(lines) + "\n"

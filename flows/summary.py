@@ -67,16 +67,19 @@ def run_outputs(out: Path):
 
 
 def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dict,
-                  registered: dict, stages: list[dict] | None = None, seconds: dict | None = None) -> dict:
+                  registered: dict, stages: list[dict] | None = None, seconds: dict | None = None,
+                  graph_cfg: RunConfig | None = None) -> dict:
     """`summary.json` and `config.json` of a run, into its staging folder (see `run_outputs`). A
     multi-stage graph's summary describes its last stage's model, and lists every stage;
-    `seconds`: the wall time of a single-stage run's work (training: ~0 when reused)."""
+    `seconds`: the wall time of a single-stage run's work (training: ~0 when reused);
+    `graph_cfg`: the whole graph's config (a multi-stage graph's; `graph_config_hash`)."""
     summary = {
         "graph": cfg.graph,
         "name": cfg.name,
         "dataset": cfg.data.name,
         "data_hash": data.hash,
         "config_hash": cfg.digest(),
+        "graph_config_hash": (graph_cfg or cfg).digest(),  # what `gendag run` was given
         "model_hash": model.hash,
         "model_uri": model.uri,
         "metrics": {k: metrics[k] for k in sorted(metrics, key=reading_order)},

@@ -458,6 +458,17 @@ def _format_error(err: ValidationError, schema: type[BaseModel]) -> str:
     return f"{where}: got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def find_config(graph: str, name: str) -> Path | None:
+    """A config by path, or by name under configs/ (with or without `.yaml`, or the graph's folder)."""
+    for path in (Path(name), CONFIGS / name, CONFIGS / f"{name}.yaml", CONFIGS / graph / f"{name}.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
 def load_config(path: str | Path, scale: str = "cpu", overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply the scale overlay then `--set` overrides, validate with the
     schema of its graph."""

@@ -64,7 +64,7 @@ def preflight(cfg: RunConfig, out: Path, origin: str, overrides: Sequence[str] =
     writable(home(), "workspace (GENDAG_HOME)")
     writable(out, "output folder", "; choose another with --out")
     try:
-        data = _check_data(cfg, model_dir)
+        data = check_data(cfg, model_dir)
         _check_teacher(cfg, data.shape)
         params = 0
         if model_dir is None:
@@ -140,7 +140,7 @@ def writable(folder: Path, what: str, hint: str = "") -> None:
 # --------------------------------------------------------------------------- data
 
 
-def _check_data(cfg: RunConfig, model_dir: Path | None) -> DataFacts:
+def check_data(cfg: RunConfig, model_dir: Path | None) -> DataFacts:
     data = _load("data", cfg.data, cfg.seed)
     shape = data.shape
     source_config = cfg.source_config.as_data()

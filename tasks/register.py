@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from prefect import task
@@ -93,10 +94,15 @@ def _store_step(what: str, client, run_id: str | None):
                          f"{_mark_failed(client, run_id)}") from e
 
 
+#: The MLflow run new runs are nested in (a table's run while it makes its cells), else None.
+PARENT_RUN: ContextVar[str | None] = ContextVar("gendag_parent_run", default=None)
+
+
 @contextmanager
-def tracked_run(what: str, cfg: RunConfig, tags: dict[str, str], run_id: str | None = None):
-    """An open MLflow run: a new one, or `run_id` (a run the graph opened, whose end the graph
-    owns) with `tags` added. Yields (client, run id). A new run ends FINISHED when the body
+def tracked_run(what: str, name: str, experiment: str, tags: dict[str, str], run_id: str | None = None):
+    """An open MLflow run of `name` in `experiment`: a new one (nested in the run
+    `PARENT_RUN` holds, if any: a table's), or `run_id` (a run the graph opened, whose end the
+    graph owns) with `tags` added. Yields (client, run id). A new run ends FINISHED when the body
     succeeds; whatever fails marks the run FAILED; a store failure in opening or ending it is
     one `StoreError` line (`_store_step`)."""
     from mlflow import MlflowClient
@@ -104,10 +110,12 @@ def tracked_run(what: str, cfg: RunConfig, tags: dict[str, str], run_id: str | N
 
     client, owned = MlflowClient(), run_id is None
     _quiet_store_logs()
-    with _store_step(f"{what} {cfg.name}", client, run_id):
+    with _store_step(f"{what} {name}", client, run_id):
         if owned:
-            run_id = client.create_run(_experiment_id(client, cfg.registry.experiment), run_name=cfg.name,
-                                       tags=tags).info.run_id
+            parent = PARENT_RUN.get()
+            nested = {"mlflow.parentRunId": parent} if parent and "mlflow.parentRunId" not in tags else {}
+            run_id = client.create_run(_experiment_id(client, experiment), run_name=name,
+                                       tags=tags | nested).info.run_id
         else:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     try:
@@ -116,7 +124,7 @@ def tracked_run(what: str, cfg: RunConfig, tags: dict[str, str], run_id: str | N
         _mark_failed(client, run_id)
         raise
     if owned:
-        with _store_step(f"{what} {cfg.name}", client, run_id):
+        with _store_step(f"{what} {name}", client, run_id):
             client.set_terminated(run_id, "FINISHED")
 
 
@@ -127,7 +135,7 @@ def recorded_run(cfg: RunConfig, model: Ref, metrics: dict[str, float], report_f
     an MLflow run (`tracked_run`: a new one, or the graph's open `run_id`). Yields (client, run
     id, the run's artifact URI) for the caller to finish the registry work the run stands for; a
     store failure in any of it is one `StoreError` line."""
-    with tracked_run("register", cfg, tags, run_id) as (client, run_id), \
+    with tracked_run("register", cfg.name, cfg.registry.experiment, tags, run_id) as (client, run_id), \
             _store_step(f"register {cfg.name}", client, run_id):
         _log(client, run_id, cfg, model, metrics, report_files, log_model)
         yield client, run_id, client.get_run(run_id).info.artifact_uri
@@ -273,7 +281,7 @@ def graph_run(cfg: RunConfig, tags: dict[str, str]):
     multi-stage graph's stages are runs nested in it (`register(..., parent=)`). Yields a
     `GraphRun`; FINISHED when the body succeeds, FAILED otherwise (`tracked_run`)."""
     tags = {"gendag.graph": cfg.graph, "gendag.dataset": cfg.data.name, "mlflow.note.content": describe(cfg), **tags}
-    with tracked_run("graph", cfg, tags) as (client, run_id):
+    with tracked_run("graph", cfg.name, cfg.registry.experiment, tags) as (client, run_id):
         with _store_step(f"graph {cfg.name}", client, run_id):
             client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
         yield GraphRun(client, run_id, cfg.name)

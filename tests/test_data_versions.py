@@ -66,6 +66,8 @@ def test_committed_datasets_rebuild_to_their_committed_hash(home: Path) -> None:
     (machine-dependent artifacts such as the FID feature networks must not be committed)."""
     configs = {}
     for file in sorted((REPO / "configs").rglob("*.yaml")):
+        if file.parent.name == "tables":  # tables name graph configs; they are none
+            continue
         cfg = load_config(file)
         configs.setdefault(dataset_folder(cfg.data.spec(cfg.seed)).name, cfg)
     committed = _committed_dvc_files()
