@@ -1,8 +1,8 @@
 """A paper's table as a config (`configs/tables/<name>.yaml`, read by `gendag table <name>`).
 
 A table names the graph runs it needs (`runs:` a graph, one of its configs, `--set` overrides,
-more overrides per scale), its columns, and its rows: each row reads one run's metrics, one per
-column, by a metric key (`fid@ddim,nfe=10,eta=0,spacing=trailing`; a stage of a multi-stage
+more overrides per scale), its columns, and its rows: each row reads one run's metrics (or
+each column its own run: `runs:`), one per column, by a metric key (`fid@ddim,nfe=10,eta=0,spacing=trailing`; a stage of a multi-stage
 graph by `<stage>/<key>`, e.g. `2-RF/w2@euler,nfe=1`) or by one template for every column
 (`{key}` is replaced by the column's `key`). A row may carry the paper's published numbers
 (`paper:` column -> value) and the table its source (paper, table, dataset). Every run is made
@@ -54,7 +54,8 @@ class TableRun(Strict):
 
 class Row(Strict):
     label: str
-    run: str  # a key of `runs`
+    run: str | None = None  # a key of `runs`: where the row's cells are read
+    runs: dict[str, str] = {}  # column name -> the run that column's cell reads (instead of `run`)
     metric: str | None = None  # a template for every column: `{key}` is the column's key
     metrics: dict[str, str] = {}  # column name -> metric key (columns without one are empty)
     paper: dict[str, float | None] = {}  # column name -> the published number
@@ -94,9 +95,12 @@ class TableConfig(Strict):
         if len(set(labels)) < len(labels):
             raise ValueError("rows: two rows have the same label")
         for row in self.rows:
-            if row.run not in self.runs:
-                raise ValueError(f"rows: {row.label!r}: run {row.run!r} is not one of runs ({', '.join(self.runs)})")
-            for what, keys in (("metrics", row.metrics), ("paper", row.paper)):
+            for run in {row.run, *row.runs.values()} - {None}:
+                if run not in self.runs:
+                    raise ValueError(f"rows: {row.label!r}: run {run!r} is not one of runs ({', '.join(self.runs)})")
+            if row.run is None and set(row.metrics or names) - set(row.runs):
+                raise ValueError(f"rows: {row.label!r}: a cell has no run (set run, or runs for every column it reads)")
+            for what, keys in (("metrics", row.metrics), ("paper", row.paper), ("runs", row.runs)):
                 unknown = sorted(set(keys) - set(names))
                 if unknown:
                     raise ValueError(f"rows: {row.label!r}: {what}: {unknown[0]!r} is not a column ({', '.join(names)})")
@@ -111,9 +115,9 @@ class TableConfig(Strict):
             return row.metric.replace("{key}", column.key)
         return row.metrics.get(column.name)
 
-    def cells(self) -> list[tuple[Row, Column, str]]:
-        """Every (row, column, metric key) the table reads, in reading order."""
-        return [(row, col, key) for row in self.rows for col in self.columns
+    def cells(self) -> list[tuple[Row, Column, str, str]]:
+        """Every (row, column, run, metric key) the table reads, in reading order."""
+        return [(row, col, row.runs.get(col.name, row.run), key) for row in self.rows for col in self.columns
                 if (key := self.metric(row, col)) is not None]
 
 
@@ -202,14 +206,14 @@ def _check_metrics(table: TableConfig, configs: dict[str, RunConfig]) -> None:
     found missing only after the run)."""
     from models.samplers import SAMPLERS, parse_label, settings_for
 
-    for row, column, key in table.cells():
+    for row, column, run, key in table.cells():
         label = key.split("/", 1)[-1].split("@", 1)[1] if "@" in key else ""
         if parse_label(label)[0] not in SAMPLERS:
             continue  # an estimator (nll@exact) or a summary number, not a sampler setting
-        cfg = configs[row.run]
+        cfg = configs[run]
         labels = {s.label for entries, _ in cfg.sampler_lists().values()
                   for entry in (entries if isinstance(entries, list) else [entries])
                   for s in settings_for(entry.method, entry.nfe, entry.params)}
         if re.sub(r",untrained$", "", label) not in labels:
             raise ConfigError(f"table {table.name}: rows: {row.label!r}, column {column.name!r}: the run "
-                              f"{row.run!r} does not sample {label!r}; its grid: {', '.join(sorted(labels))}")
+                              f"{run!r} does not sample {label!r}; its grid: {', '.join(sorted(labels))}")

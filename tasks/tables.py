@@ -142,13 +142,13 @@ class Value:
 def cell_values(table: TableConfig, summaries: dict[str, list[dict]]) -> list[Value]:
     """Every cell's numbers over seeds (`summaries`: run -> its summary per seed), in reading order."""
     out = []
-    for row, column, key in table.cells():
-        found = [read_metric(s, key) for s in summaries[row.run]]
+    for row, column, run, key in table.cells():
+        found = [read_metric(s, key) for s in summaries[run]]
         if any(v is None for v in found):
-            have = ", ".join(sorted(summaries[row.run][0]["metrics"]))[:300]
-            raise TableError(f"table {table.name}: row {row.label!r}, column {column.name!r}: run {row.run!r} "
+            have = ", ".join(sorted(summaries[run][0]["metrics"]))[:300]
+            raise TableError(f"table {table.name}: row {row.label!r}, column {column.name!r}: run {run!r} "
                              f"has no metric {key!r} (it has {have} ...)")
-        out.append(Value(row.label, column.name, key, row.run, tuple(float(v) for v in found),
+        out.append(Value(row.label, column.name, key, run, tuple(float(v) for v in found),
                          row.paper.get(column.name)))
     return out
 

@@ -212,3 +212,16 @@ def test_best_reads_the_lowest_trained_setting_and_its_nfe() -> None:
     assert read_metric(summary, "best:w2") == 0.5 and read_metric(summary, "best_nfe:w2") == 4.0
     assert read_metric(summary, "best:fid") is None
     assert read_metric(summary, "nfe@euler,nfe=4") == 4.0 and read_metric(summary, "nfe@dopri5,atol=1,rtol=1") is None
+
+
+def test_a_row_may_read_each_column_from_its_own_run() -> None:
+    base = {"name": "t", "title": "t", "source": {"paper": "p", "table": "1", "dataset": "d"},
+            "columns": [{"name": "a"}, {"name": "b"}],
+            "runs": {"r1": {"graph": "flow-matching", "config": "x"}, "r2": {"graph": "flow-matching", "config": "y"}}}
+    table = TableConfig.model_validate(base | {"rows": [
+        {"label": "m", "runs": {"a": "r1", "b": "r2"}, "metric": "w2@euler,nfe=1"}]})
+    assert [(c.name, run) for _, c, run, _ in table.cells()] == [("a", "r1"), ("b", "r2")]
+    with pytest.raises(ValueError, match="a cell has no run"):
+        TableConfig.model_validate(base | {"rows": [{"label": "m", "runs": {"a": "r1"}, "metric": "w2@euler,nfe=1"}]})
+    with pytest.raises(ValueError, match="run 'r3' is not one of runs"):
+        TableConfig.model_validate(base | {"rows": [{"label": "m", "run": "r1", "runs": {"a": "r3"}, "metric": "w"}]})
