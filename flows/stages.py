@@ -78,7 +78,7 @@ class StageRunner:
         stages = ", ".join(f"{s['stage']} ({s['name']} v{s['version']})" for s in self.done)
         graph.log_results(results, files, describe(self.cfg, f"stages {stages}", registered))
         return write_summary(self.staging, out, last.cfg, self.inputs.data, last.model, metrics, registered, self.done,
-                             graph_cfg=self.cfg)
+                             graph_cfg=self.cfg, graph_run=graph.run_id)
 
 
 def staged(body):

@@ -68,11 +68,12 @@ def run_outputs(out: Path):
 
 def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Ref, metrics: dict,
                   registered: dict, stages: list[dict] | None = None, seconds: dict | None = None,
-                  graph_cfg: RunConfig | None = None) -> dict:
+                  graph_cfg: RunConfig | None = None, graph_run: str | None = None) -> dict:
     """`summary.json` and `config.json` of a run, into its staging folder (see `run_outputs`). A
     multi-stage graph's summary describes its last stage's model, and lists every stage;
     `seconds`: the wall time of a single-stage run's work (training: ~0 when reused);
-    `graph_cfg`: the whole graph's config (a multi-stage graph's; `graph_config_hash`)."""
+    `graph_cfg`, `graph_run`: the whole graph's config and MLflow run (a multi-stage graph's:
+    its stages' runs are nested in it)."""
     summary = {
         "graph": cfg.graph,
         "name": cfg.name,
@@ -91,6 +92,7 @@ def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Re
             "floor": "the same protocol on random subsets of the training split",
         },
         "mlflow_run_id": registered["run_id"],
+        "graph_mlflow_run_id": graph_run or registered["run_id"],
         "registered_model": {k: registered[k] for k in ("name", "version", "aliases")},
         "prefect_flow_run_id": prefect_flow_run_id(),
         "report": str(out / "report"),

@@ -273,7 +273,9 @@ def manifest(table: TableConfig, scale: str, seeds: int, cells: list[Cell], summ
         return {"run": cell.run, "seed": cell.seed, "graph": cell.graph, "config": str(shown),
                 "overrides": list(cell.overrides),
             "config_hash": s["graph_config_hash"], "data_hash": s["data_hash"], "dataset": s["dataset"],
-            "model_hash": s["model_hash"], "mlflow_run_id": s["mlflow_run_id"],
+            "model_hash": s["model_hash"],
+                "mlflow_run_id": s.get("graph_mlflow_run_id", s["mlflow_run_id"]),  # the graph's run
+                "registered_run_id": s["mlflow_run_id"],  # the run of the model version it registered
             "registered_model": s["registered_model"], "prefect_flow_run_id": s["prefect_flow_run_id"],
             "samples": {"per_set": cell.cfg.sample.n_samples, "sets": cell.cfg.sample.sets},
             "feature_extractor": feature_extractor(cell.cfg, kind),
