@@ -271,16 +271,15 @@ def manifest(table: TableConfig, scale: str, seeds: int, cells: list[Cell], summ
         config = cell.config.resolve()
         shown = config.relative_to(CONFIGS) if config.is_relative_to(CONFIGS) else config
         return {"run": cell.run, "seed": cell.seed, "graph": cell.graph, "config": str(shown),
-                "overrides": list(cell.overrides),
-            "config_hash": s["graph_config_hash"], "data_hash": s["data_hash"], "dataset": s["dataset"],
-            "model_hash": s["model_hash"],
+                "overrides": list(cell.overrides), "config_hash": s["graph_config_hash"],
+                "data_hash": s["data_hash"], "dataset": s["dataset"], "model_hash": s["model_hash"],
                 "mlflow_run_id": s.get("graph_mlflow_run_id", s["mlflow_run_id"]),  # the graph's run
                 "registered_run_id": s["mlflow_run_id"],  # the run of the model version it registered
-            "registered_model": s["registered_model"], "prefect_flow_run_id": s["prefect_flow_run_id"],
-            "samples": {"per_set": cell.cfg.sample.n_samples, "sets": cell.cfg.sample.sets},
-            "feature_extractor": feature_extractor(cell.cfg, kind),
-            "seconds": {**s.get("seconds", {}), **{f"{st['stage']}/{k}": v for st in s.get("stages", [])
-                                                  for k, v in st.get("seconds", {}).items()}}}
+                "registered_model": s["registered_model"], "prefect_flow_run_id": s["prefect_flow_run_id"],
+                "samples": {"per_set": cell.cfg.sample.n_samples, "sets": cell.cfg.sample.sets},
+                "feature_extractor": feature_extractor(cell.cfg, kind),
+                "seconds": {**s.get("seconds", {}), **{f"{st['stage']}/{k}": v for st in s.get("stages", [])
+                                                      for k, v in st.get("seconds", {}).items()}}}
 
     return {"table": table.name, "title": table.title, "scale": scale, "seeds": seeds,
             "note": table.notes.get(scale, ""), "source": table.source.model_dump(),
