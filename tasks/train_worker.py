@@ -95,6 +95,7 @@ def train_worker(config: dict) -> None:
     coupling = getattr(cfg, "coupling", None)
     pairs = PairSampler(
         data, local_batch, source=source, seed=cfg.seed, rank=rank, paired=bool(config.get("pairs")),
+        noise=getattr(getattr(model, "scheduler", None), "noisy", False),
         coupling=make_coupling(coupling.kind, **coupling.kwargs) if coupling and not config.get("pairs") else None,
     )
     board = ProgressBoard.find(config.get("progress"))
