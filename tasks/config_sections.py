@@ -196,7 +196,7 @@ class CouplingConfig(Strict):
     kwargs: dict[str, Any] = {}
 
 
-class TrainConfig(Strict):
+class TrainConfig(OmitsNewDefaults):
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 256
     lr: PositiveFloat = 1e-3
@@ -209,7 +209,11 @@ class TrainConfig(Strict):
     use_gpu: StrictBool = False  # one GPU per Ray Train worker (NCCL); the paper scale sets it
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
+    # torch threads of each training worker; default: the node's cores shared among its workers. A
+    # small network (the 2-D MLPs) trains fastest on one: its matrices are too small to split.
+    threads: PositiveInt | None = None
 
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("threads",)
     #: Fields that change how often things are recorded, not the trained weights.
     BOOKKEEPING: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "log_every"})
 
