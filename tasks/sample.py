@@ -139,8 +139,8 @@ class ShardFolder:
                   "rounds": np.array([p.get("rounds", p["nfe"]) for p in parts], dtype=np.int64)}
         if "trajectory" in parts[0]:
             arrays["trajectory"] = parts[0]["trajectory"]
-        for key in ("x0", "energy"):  # one row per sample
-            if key in parts[0]:
+        for key in ("x0", "energy"):  # one row per sample (kept only when every shard has it)
+            if all(key in p for p in parts):
                 arrays[key] = np.concatenate([p[key] for p in parts])
         write_npz(self.file, arrays)
         shutil.rmtree(self.folder)
