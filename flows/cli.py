@@ -156,7 +156,7 @@ def list_() -> None:
     for column in ("graph", "what it does", "configs"):
         graphs.add_column(column)
     for g in GRAPHS.values():
-        shipped = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in (CONFIGS / g.name).glob("*.yaml"))
+        shipped = sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in (CONFIGS / g.name).rglob("*.yaml"))
         graphs.add_row(g.name, g.description, ", ".join(shipped))
     console.print(graphs)
     samplers = Table(title="samplers (sample.samplers: [{method: ..., nfe: [...], <param>: ...}])")

@@ -65,7 +65,7 @@ def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs,
     """Every setting of the config's sampler grid (and the untrained baseline), scored against
     held-out data and the floor."""
     samples = sample(cfg, model, inputs.source, sampling_grid(cfg.sample.samplers, baseline))
-    return samples, evaluate(cfg, samples, inputs.data, inputs.features, model)
+    return samples, evaluate(cfg, samples, inputs.data, inputs.features, model, inputs.source)
 
 
 def report(cfg: RunConfig, folder: Path, model: Ref, inputs: Inputs, samples: dict[str, Ref], metrics: dict):

@@ -37,9 +37,12 @@ class DatasetError(ValueError):
     """A dataset cannot be loaded as configured; the message is one line naming the cause."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DatasetSpec:
-    """What to load; a plain dataclass so ``models`` stays free of the config layer."""
+    """What to load; a plain dataclass so ``models`` stays free of the config layer.
+
+    ``test_path`` (npy only): a second file holding the held-out split, so ``path`` is all
+    training data (capped by ``n_train``, the test file by ``n_test``) and nothing is split."""
 
     name: str
     n_train: int | None = None
@@ -49,6 +52,14 @@ class DatasetSpec:
     channels: int | None = None
     download: bool = False
     seed: int = 0
+    test_path: str | None = None
+
+    def __repr__(self) -> str:
+        """The dataclass repr, which names a dataset version (``tasks.data.spec_hash``); fields added
+        later are left out at their defaults, so existing versions keep their names."""
+        fields = [(f, getattr(self, f)) for f in self.__dataclass_fields__]
+        shown = ", ".join(f"{k}={v!r}" for k, v in fields if not (k == "test_path" and v is None))
+        return f"DatasetSpec({shown})"
 
 
 @dataclass
@@ -164,13 +175,14 @@ def _what_it_is(head: bytes) -> str:
         return "binary data without the .npy header"
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(path: Path, field: str = "data.path") -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a .npy file, read from its header alone; refuses anything that is not
-    a complete numeric array (another format, Python objects, text, a truncated file)."""
+    a complete numeric array (another format, Python objects, text, a truncated file), in an error
+    naming the config `field` it came from."""
     with open(path, "rb") as f:
         head = f.read(len(NPY_MAGIC))
         if head != NPY_MAGIC:
-            raise DatasetError(f"data.path: {path} is not a .npy file: it is {_what_it_is(head + f.read(58))}"
+            raise DatasetError(f"{field}: {path} is not a .npy file: it is {_what_it_is(head + f.read(58))}"
                                " — expected an array saved with numpy.save")
         f.seek(0)
         try:
@@ -178,20 +190,20 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)
         except ValueError as err:
-            raise DatasetError(f"data.path: {path} has a damaged .npy header ({err})") from None
+            raise DatasetError(f"{field}: {path} has a damaged .npy header ({err})") from None
         offset = f.tell()
     if dtype.hasobject:
-        raise DatasetError(f"data.path: {path} holds Python objects (dtype object) — expected numbers")
+        raise DatasetError(f"{field}: {path} holds Python objects (dtype object) — expected numbers")
     if dtype.kind not in "iuf":
-        raise DatasetError(f"data.path: {path} has dtype {dtype} — expected numbers (integers or floats)")
+        raise DatasetError(f"{field}: {path} has dtype {dtype} — expected numbers (integers or floats)")
     expected, size = offset + int(np.prod(shape)) * dtype.itemsize, path.stat().st_size
     if size < expected:
-        raise DatasetError(f"data.path: {path} is truncated: {size} bytes, but a {dtype} array of shape {shape} "
+        raise DatasetError(f"{field}: {path} is truncated: {size} bytes, but a {dtype} array of shape {shape} "
                            f"takes {expected}")
     return tuple(shape), dtype
 
 
-def _as_float32(array: np.ndarray, path: Path) -> np.ndarray:
+def _as_float32(array: np.ndarray, path: Path, field: str = "data.path") -> np.ndarray:
     """`array` as float32, or a DatasetError naming the first non-finite value: a NaN or Inf in
     the file, or a number float32 cannot hold."""
     with np.errstate(over="ignore"):
@@ -202,27 +214,47 @@ def _as_float32(array: np.ndarray, path: Path) -> np.ndarray:
     item = int(np.argwhere(bad)[0][0])
     if np.isfinite(array).all():
         biggest = float(np.abs(array).max())
-        raise DatasetError(f"data.path: {path} holds values float32 cannot hold (up to {biggest:.3g}, first in "
+        raise DatasetError(f"{field}: {path} holds values float32 cannot hold (up to {biggest:.3g}, first in "
                            f"item {item}) — expected finite numbers of a sensible scale")
     nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-    raise DatasetError(f"data.path: {path} holds {nan} NaN and {inf} infinite values (first in item {item}) "
+    raise DatasetError(f"{field}: {path} holds {nan} NaN and {inf} infinite values (first in item {item}) "
                        "— expected finite numbers")
+
+
+def _read_npy(path: Path, field: str) -> np.ndarray:
+    """A checked .npy array (never unpickled): a file, a numeric header, items of (d,), (H, W) or
+    (C, H, W), at least 2 of them; any problem is one DatasetError naming `field`."""
+    if not path.is_file():
+        raise DatasetError(f"{field}: {path} does not exist — expected a .npy file")
+    shape, _ = _npy_header(path, field)
+    expected = "expected (N, d) points or (N, H, W)/(N, C, H, W) images"
+    if len(shape) not in (2, 3, 4):
+        raise DatasetError(f"{field}: {path} has shape {shape} — {expected}")
+    if shape[0] < 2:
+        raise DatasetError(f"{field}: {path} has shape {shape}: {shape[0]} item(s) — need at least 2 "
+                           "to split into train and test")
+    if 0 in shape[1:]:
+        raise DatasetError(f"{field}: {path} has shape {shape}: items of size 0 — {expected}")
+    return np.load(path, allow_pickle=False)
+
+
+def _npy_test_file(spec: DatasetSpec, train: np.ndarray) -> Splits:
+    """Points from two files: `path` is the training split, `test_path` the held-out one."""
+    path, test_path = Path(spec.path), Path(spec.test_path)
+    test = _read_npy(test_path, "data.test_path")
+    if train.ndim != 2 or test.shape[1:] != train.shape[1:]:
+        raise DatasetError(f"data.test_path: {test_path} holds items of shape {test.shape[1:]}, but {path} holds "
+                           f"{train.shape[1:]} — expected (N, d) points of the same d in both files")
+    train = _as_float32(train, path)[: _cap(spec.n_train, len(train))]
+    test = _as_float32(test, test_path, "data.test_path")[: _cap(spec.n_test, len(test))]
+    return Splits(train, test, "points")
 
 
 def _load_npy(spec: DatasetSpec) -> Splits:
     path = _require_path(spec)
-    if not path.is_file():
-        raise DatasetError(f"data.path: {path} does not exist — expected a .npy file")
-    shape, dtype = _npy_header(path)
-    expected = "expected (N, d) points or (N, H, W)/(N, C, H, W) images"
-    if len(shape) not in (2, 3, 4):
-        raise DatasetError(f"data.path: {path} has shape {shape} — {expected}")
-    if shape[0] < 2:
-        raise DatasetError(f"data.path: {path} has shape {shape}: {shape[0]} item(s) — need at least 2 "
-                           "to split into train and test")
-    if 0 in shape[1:]:
-        raise DatasetError(f"data.path: {path} has shape {shape}: items of size 0 — {expected}")
-    array = np.load(path, allow_pickle=False)
+    array = _read_npy(path, "data.path")
+    if spec.test_path:
+        return _npy_test_file(spec, array)
     if array.ndim == 2:
         return _split(_as_float32(array, path), spec, "points")
     if array.ndim == 3:
@@ -400,7 +432,7 @@ def source_files(spec: DatasetSpec) -> list[Path]:
     """The files a dataset is read from (empty for the generated and bundled ones): what its
     version must be keyed by, since a file changed in place is a new version."""
     if spec.name == "npy":
-        return [_require_path(spec)]
+        return [_require_path(spec)] + ([Path(spec.test_path)] if spec.test_path else [])
     if spec.name == "image_folder":
         folder = _require_path(spec)
         return _image_files(folder) if folder.is_dir() else []

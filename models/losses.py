@@ -18,8 +18,14 @@ from models.paths import GaussianPath, PathSample, Scheduler, expand_like
 def target_for(parameterization: str, sample: PathSample, scheduler: Scheduler) -> Tensor:
     """What a network in ``parameterization`` should output at ``sample.x_t``.
 
-    velocity -> ``dx_t``, epsilon -> ``x0``, x1 -> ``x1``, score -> ``-x0 / sigma_t``.
+    velocity -> ``dx_t``, epsilon -> ``x0``, x1 -> ``x1``, score -> ``-x0 / sigma_t``. On a path
+    with noise around its mean (Tong et al. 2024) the target is its velocity ``dx_t``, noise
+    included; the other parameterizations are not defined there.
     """
+    if scheduler.noisy:
+        if parameterization != "velocity":
+            raise ValueError(f"a path with noise around its mean trains velocity, not {parameterization!r}")
+        return sample.dx_t
     s = scheduler(expand_like(sample.t, sample.x1))
     return from_pivot(sample.x1, sample.x0, s, parameterization)
 

@@ -97,7 +97,7 @@ class PathRegression(Objective):
         return u
 
     def loss(self, net: nn.Module, batch) -> Tensor:
-        sample = self.path.sample(batch.x0, batch.x1, self.times(batch.t))
+        sample = self.path.sample(batch.x0, batch.x1, self.times(batch.t), getattr(batch, "noise", None))
         target = target_for(self.model.parameterization, sample, self.path.scheduler)
         return F.mse_loss(net(sample.x_t, sample.t), target)
 

@@ -35,6 +35,7 @@ class Batch:
     x0: Tensor
     x1: Tensor
     t: Tensor
+    noise: Tensor | None = None  # N(0, I) like x1, for a path with noise around its mean
 
 
 class PairSampler:
@@ -49,9 +50,12 @@ class PairSampler:
         seed: int = 0,
         rank: int = 0,
         paired: bool = False,
+        noise: bool = False,
     ) -> None:
         """``paired``: ``source`` and ``data`` are the two ends of a coupling set (a reflow
-        coupling): a batch draws rows by one index for both, not independently."""
+        coupling): a batch draws rows by one index for both, not independently. ``noise``: each
+        batch also holds N(0, I) draws like ``x1`` (a path with noise around its mean), drawn last,
+        so the rest of the batch is what it is without them."""
         if paired and (source is None or len(source) != len(data)):
             raise ValueError("paired rows need a source with as many rows as the data")
         self.paired = paired
@@ -59,6 +63,7 @@ class PairSampler:
         self.batch_size = batch_size
         self.coupling = coupling or IndependentCoupling()
         self.seed, self.rank = seed, rank
+        self.noise = noise
 
     def batch(self, step: int) -> Batch:
         g = torch.Generator().manual_seed((self.seed * 7919 + self.rank) * _STEP_STRIDE + step)
@@ -71,8 +76,9 @@ class PairSampler:
         else:
             x0 = self.source[torch.randint(len(self.source), (self.batch_size,), generator=g)]
         t = torch.rand(self.batch_size, generator=g)
-        x0, x1 = self.coupling(x0, x1)
-        return Batch(step, x0, x1, t)
+        x0, x1 = self.coupling(x0, x1, generator=g)
+        noise = torch.randn(x1.shape, generator=g) if self.noise else None
+        return Batch(step, x0, x1, t, noise)
 
     def stream(self, start: int, stop: int, prefetch: int = 2, workers: int = 1) -> Iterator[Batch]:
         """Batches for steps start..stop-1, in order.

@@ -77,6 +77,14 @@ class Scheduler(abc.ABC):
         s = self(t)
         return 2.0 * (torch.log(s.alpha) - torch.log(s.sigma))
 
+    #: A path with noise around its mean (``noise``): x_t = alpha_t x1 + sigma_t x0 + s_t eps.
+    noisy: bool = False
+
+    def noise(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(s_t, ds_t/dt)``: the std of the noise ``eps ~ N(0, I)``, drawn apart from the source,
+        that a ``noisy`` path adds to ``alpha_t x1 + sigma_t x0`` (none by default)."""
+        raise NotImplementedError(f"{type(self).__name__} adds no noise to its path")
+
     @property
     def prior_std(self) -> float:
         """Scale of the Gaussian a sampler starts from at ``t = 0``: ``sigma_0`` (``sigma_max`` on
@@ -84,13 +92,53 @@ class Scheduler(abc.ABC):
         return float(self(torch.zeros((), dtype=torch.float64)).sigma)
 
 
+SIGMA_SCHEDULES = ("constant", "brownian_bridge")
+
+
 class CondOTScheduler(Scheduler):
-    """Straight line between source and data (rectified flow / conditional OT)."""
+    """Straight line between source and data (rectified flow / conditional OT), with the
+    conditional paths of Lipman et al. 2023 and Tong et al. 2024 as options:
+
+    * ``sigma_min`` (Lipman et al. 2023, Eq. 20, "FM"): ``alpha_t = t``,
+      ``sigma_t = 1 - (1 - sigma_min) t``, so ``x_t = t x1 + (1 - (1 - sigma_min) t) x0`` and
+      the target ``u_t = x1 - (1 - sigma_min) x0``; 0 is the plain line;
+    * ``sigma`` (Tong et al. 2024, Eqs. 14-15, I-CFM / OT-CFM): Gaussian noise of std ``s_t``
+      around the line, ``x_t = t x1 + (1 - t) x0 + s_t eps``, ``eps ~ N(0, I)`` drawn apart from
+      ``x0``; ``sigma_schedule: constant`` is ``s_t = sigma`` (target ``x1 - x0``),
+      ``brownian_bridge`` is ``s_t = sigma sqrt(t (1 - t))`` (SB-CFM, Tong et al. 2024 Eq. 20
+      and Prop. 3.4: target ``(1 - 2t) / (2 t (1 - t)) (x_t - mu_t) + x1 - x0``, i.e.
+      ``ds_t/dt eps`` added to ``x1 - x0``).
+    """
+
+    def __init__(self, sigma_min: float = 0.0, sigma: float = 0.0, sigma_schedule: str = "constant"):
+        if not 0.0 <= sigma_min < 1.0:
+            raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
+        if sigma < 0.0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if sigma_schedule not in SIGMA_SCHEDULES:
+            raise ValueError(f"sigma_schedule: unknown {sigma_schedule!r}; valid choices: {SIGMA_SCHEDULES}")
+        self.sigma_min, self.sigma, self.sigma_schedule = sigma_min, sigma, sigma_schedule
 
     def __call__(self, t: Tensor) -> SchedulerOutput:
-        return SchedulerOutput(
-            alpha=t, sigma=1 - t, d_alpha=torch.ones_like(t), d_sigma=-torch.ones_like(t)
-        )
+        if not self.sigma_min:
+            return SchedulerOutput(
+                alpha=t, sigma=1 - t, d_alpha=torch.ones_like(t), d_sigma=-torch.ones_like(t)
+            )
+        slope = 1.0 - self.sigma_min
+        return SchedulerOutput(alpha=t, sigma=1 - slope * t, d_alpha=torch.ones_like(t),
+                               d_sigma=torch.full_like(t, -slope))
+
+    @property
+    def noisy(self) -> bool:
+        return self.sigma > 0
+
+    def noise(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        if self.sigma_schedule == "constant":
+            return torch.full_like(t, self.sigma), torch.zeros_like(t)
+        root = torch.sqrt(t * (1 - t))
+        # d/dt sigma sqrt(t (1 - t)) = sigma (1 - 2t) / (2 sqrt(t (1 - t))): infinite at the ends,
+        # where t ~ U[0, 1) lands with probability 0; clamped so t = 0 stays finite
+        return self.sigma * root, self.sigma * (1 - 2 * t) / (2 * root.clamp(min=1e-6))
 
 
 class VPScheduler(Scheduler):
@@ -284,9 +332,17 @@ class GaussianPath:
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
 
-    def sample(self, x0: Tensor, x1: Tensor, t: Tensor) -> PathSample:
-        """Place each pair ``(x0[i], x1[i])`` at its time ``t[i]`` (``t`` of shape ``(B,)``)."""
-        s = self.scheduler(expand_like(t, x1))
+    def sample(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None) -> PathSample:
+        """Place each pair ``(x0[i], x1[i])`` at its time ``t[i]`` (``t`` of shape ``(B,)``); a
+        ``noisy`` scheduler's path adds ``s_t * noise`` (``noise``: N(0, I) draws shaped like
+        ``x1``) to ``x_t`` and ``ds_t/dt * noise`` to its velocity."""
+        t_x = expand_like(t, x1)
+        s = self.scheduler(t_x)
         x_t = s.alpha * x1 + s.sigma * x0
         dx_t = s.d_alpha * x1 + s.d_sigma * x0
+        if self.scheduler.noisy:
+            if noise is None:
+                raise ValueError("this path adds noise around its mean: pass `noise` (N(0, I) draws like x1)")
+            std, d_std = self.scheduler.noise(t_x)
+            x_t, dx_t = x_t + std * noise, dx_t + d_std * noise
         return PathSample(x_t=x_t, t=t, x0=x0, x1=x1, dx_t=dx_t)

@@ -50,12 +50,25 @@ def shards(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def start_draw(model, shape: tuple[int, ...], n: int, generator: torch.Generator,
-               source: np.ndarray | None) -> torch.Tensor:
-    """Where a shard starts: the model's prior draw, or rows of a source dataset drawn with
-    replacement (flow matching from a dataset)."""
+               source: np.ndarray | None, first: int | None = None, set_size: int | None = None,
+               seed: int = 0) -> torch.Tensor:
+    """Where a shard starts: the model's prior draw, or rows of a source dataset.
+
+    From a dataset, the shard's samples are numbers ``first .. first + n - 1`` of sample sets of
+    ``set_size``: when a set fits in the source (``set_size <= len(source)``) every set's starts
+    are distinct rows, a permutation of the source seeded by (seed, set), whichever shards the set
+    is cut into; otherwise (or without ``first``) rows are drawn with replacement."""
     if source is None:
         return model.prior(shape, n, generator)
-    return torch.from_numpy(source)[torch.randint(len(source), (n,), generator=generator)]
+    if first is None or set_size is None or set_size > len(source):
+        return torch.from_numpy(source)[torch.randint(len(source), (n,), generator=generator)]
+    index = np.arange(first, first + n)
+    rows = np.empty(n, dtype=np.int64)
+    for k in np.unique(index // set_size):
+        order = np.random.default_rng([seed, int(k)]).permutation(len(source))
+        mine = index // set_size == k
+        rows[mine] = order[index[mine] % set_size]
+    return torch.from_numpy(source[rows])
 
 
 class Sampler:
@@ -77,14 +90,16 @@ class Sampler:
         self.source = np.load(source_path, allow_pickle=False) if source_path else None
 
     def run(self, setting: Setting, shard: int, n: int, seed: int, trajectory: int = 0,
-            keep_start: bool = False) -> dict:
-        """Shard ``shard`` (``n`` samples) of ``setting``; with ``keep_start`` its start draws too
-        (``x0``: a coupling set's pairs are (x0, x))."""
+            keep_start: bool = False, first: int | None = None, set_size: int | None = None) -> dict:
+        """Shard ``shard`` (``n`` samples, numbers ``first``.. of sets of ``set_size``: see
+        ``start_draw``) of ``setting``; with ``keep_start`` its start draws too (``x0``: a coupling
+        set's pairs are (x0, x))."""
         model = self.untrained if setting.untrained else self.model
         generator = torch.Generator().manual_seed(shard_seed(seed, shard))
-        x = start_draw(model, self.shape, n, generator, self.source).to(self.device)
+        x = start_draw(model, self.shape, n, generator, self.source, first, set_size, seed).to(self.device)
         start = x.cpu().numpy() if keep_start else None
         out = sample_with(setting, model, x, generator, trajectory=trajectory > 0)
         traj = out.trajectory[:, :trajectory].cpu().numpy() if trajectory else None
+        energy = out.energy.numpy() if out.energy is not None else None
         return {"label": setting.label, "shard": shard, "x": out.x.cpu().numpy(), "nfe": out.nfe, "rounds": out.rounds,
-                "trajectory": traj, "x0": start}
+                "trajectory": traj, "x0": start, "energy": energy}

@@ -191,7 +191,7 @@ def _fixed_step_sampler(method: str):
 
 
 for _name, (_, _evals) in _STEPPERS.items():
-    register_sampler(_name, {"velocity"}, evals_per_step=_evals)(_fixed_step_sampler(_name))
+    register_sampler(_name, {"velocity"}, evals_per_step=_evals, ode_path=True)(_fixed_step_sampler(_name))
 
 _TOLERANCE = Param(1e-5, low=1e-12, high=1.0, doc="torchdiffeq tolerance")
 

@@ -78,6 +78,9 @@ class RunConfig(Strict):
             scheduler = self.scheduler()
         except ValueError as e:
             raise ValueError(f"path.{e}") from None
+        if scheduler is not None and scheduler.noisy and self.model.parameterization != "velocity":
+            raise ValueError(f"path.sigma: a path with noise around its mean (sigma > 0) trains the velocity "
+                             f"parameterization only, not '{self.model.parameterization}'")
         stage_family = (info.context or {}).get("family")  # a stage's config: its grid runs on its model
         for where, (entries, family) in self.sampler_lists().items():
             family = stage_family if stage_family and where == "sample.samplers" else family

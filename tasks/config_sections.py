@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
 
 from models.couplings import COUPLINGS
 from models.data import DATASETS, DatasetSpec
 from models.networks import NETWORKS
 from models.parameterization import PARAMETERIZATIONS
-from models.paths import BETA_SCHEDULES
+from models.paths import BETA_SCHEDULES, SIGMA_SCHEDULES
 from models.samplers import settings_for
 from models.solvers import FIXED_STEP_METHODS
 from models.training import LR_SCHEDULES
@@ -23,6 +23,21 @@ from models.training import LR_SCHEDULES
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OmitsNewDefaults(Strict):
+    """A section whose `OPTIONAL` fields are left out of its dump while at their defaults: a key
+    added later then changes no existing config's hashes (run names, data versions, caches)."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler):
+        dumped = handler(self)
+        for name in self.OPTIONAL:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                dumped.pop(name, None)
+        return dumped
 
 
 def _not_bool(value: Any) -> Any:
@@ -44,10 +59,11 @@ def _safe_name(value: str) -> str:
     return value
 
 
-class _DatasetFields(Strict):
+class _DatasetFields(OmitsNewDefaults):
     n_train: PositiveInt | None = None
     n_test: PositiveInt | None = None
     path: str | None = None
+    test_path: str | None = None  # npy: a separate held-out file (then `path` is all training data)
     image_size: PositiveInt | None = None
     channels: Literal[1, 3] | None = None
     download: StrictBool = False
@@ -56,7 +72,11 @@ class _DatasetFields(Strict):
     def _path_when_needed(self):
         if self.name in ("npy", "image_folder") and not self.path:
             raise ValueError(f"dataset '{self.name}' needs a path (a .npy file or an image folder)")
+        if self.test_path and self.name != "npy":
+            raise ValueError(f"test_path: only an npy dataset takes a separate test file, not '{self.name}'")
         return self
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("test_path",)
 
 
 class DataConfig(_DatasetFields):
@@ -65,8 +85,9 @@ class DataConfig(_DatasetFields):
     def spec(self, seed: int) -> DatasetSpec:
         """What `models.data` loads for this section (a path made absolute: it names the version)."""
         fields = self.model_dump()
-        if fields.get("path"):
-            fields["path"] = str(Path(fields["path"]).expanduser().resolve())
+        for key in ("path", "test_path"):
+            if fields.get(key):
+                fields[key] = str(Path(fields[key]).expanduser().resolve())
         return DatasetSpec(**fields, seed=seed)
 
 
@@ -82,15 +103,22 @@ class SourceConfig(_DatasetFields):
 # --------------------------------------------------------------------------- paths (typed per scheduler)
 
 
-class _Path(Strict):
+class _Path(OmitsNewDefaults):
     def kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"scheduler"})
+        return {k: v for k, v in self.model_dump().items() if k != "scheduler"}
 
 
 class CondOTPath(_Path):
-    """x_t = t x1 + (1 - t) x0 (rectified flow / conditional OT)."""
+    """x_t = t x1 + (1 - t) x0 (rectified flow / conditional OT); `sigma_min`: Lipman et al. 2023's
+    FM path (Eq. 20); `sigma` > 0: Tong et al. 2024's Gaussian noise around the line, constant
+    (I-CFM, OT-CFM) or a Brownian bridge's sigma sqrt(t (1 - t)) (SB-CFM); `models.paths`."""
 
     scheduler: Literal["cond_ot"] = "cond_ot"
+    sigma_min: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    sigma: Annotated[Float, Field(ge=0)] = 0.0
+    sigma_schedule: Literal[SIGMA_SCHEDULES] = "constant"  # type: ignore[valid-type]
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("sigma_min", "sigma", "sigma_schedule")
 
 
 class VPPath(_Path):
@@ -168,7 +196,7 @@ class CouplingConfig(Strict):
     kwargs: dict[str, Any] = {}
 
 
-class TrainConfig(Strict):
+class TrainConfig(OmitsNewDefaults):
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 256
     lr: PositiveFloat = 1e-3
@@ -181,7 +209,11 @@ class TrainConfig(Strict):
     use_gpu: StrictBool = False  # one GPU per Ray Train worker (NCCL); the paper scale sets it
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
+    # torch threads of each training worker; default: the node's cores shared among its workers. A
+    # small network (the 2-D MLPs) trains fastest on one: its matrices are too small to split.
+    threads: PositiveInt | None = None
 
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("threads",)
     #: Fields that change how often things are recorded, not the trained weights.
     BOOKKEEPING: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "log_every"})
 

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from models.features import fid_kid, save_classifier, train_feature_extractor
 from models.toys import true_log_density
 from models.likelihoods import bits_per_dim, estimate_nll, mean_and_se
-from models.metrics import point_scores, reference_set, scoring_blocks, summarize_blocks
+from models.metrics import point_scores, reference_set, scoring_blocks, summarize_blocks, wasserstein2
 from models.samplers import parse_label
 from tasks.config import RunConfig
 from tasks.data import publish, read_dataset, pulled_hash, tracked_hash
@@ -70,10 +70,42 @@ def image_scores(x: np.ndarray, reference: np.ndarray, features: Ref, cfg: RunCo
     return {"fid": scores["fid"], "kid": scores["kid"]}  # KID's own spread over subsets is not reported
 
 
-def _load_samples(ref: Ref) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Samples, NFE per shard, sequential rounds per shard (== NFE in files from before rounds were stored)."""
+def _load_samples(ref: Ref) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Samples, NFE per shard, sequential rounds per shard (== NFE in files from before rounds were
+    stored), and each sample's path energy (ODE samplers; None otherwise and in older files)."""
     with np.load(ref.path, allow_pickle=False) as f:
-        return f["x"], f["nfe"], f["rounds"] if "rounds" in f.files else f["nfe"]
+        rounds = f["rounds"] if "rounds" in f.files else f["nfe"]
+        return f["x"], f["nfe"], rounds, f["energy"] if "energy" in f.files else None
+
+
+def ends_ot_cost(cfg: RunConfig, reference: np.ndarray, source: Ref | None, scores: "ScoreStore") -> float | None:
+    """W2^2 between the source and the held-out data (as many source points as reference points:
+    N(0, I) draws seeded by the run's seed, or the source's test split), by exact OT; stored with
+    the scores. By Benamou-Brenier it is the least path energy any flow between them can have:
+    `pe_floor`. None where it cannot be formed (a dataset source whose version is not given)."""
+    if cfg.source_config.name != "gaussian" and source is None:
+        return None
+    key = short_hash("ends-ot-cost", source.hash if source else ("gaussian", cfg.seed), len(reference))
+    stored = scores.get(key)
+    if stored is None:
+        if source is None:
+            start = np.random.default_rng([cfg.seed, 3]).standard_normal(reference.shape)
+        else:
+            start = read_dataset(source).test[: len(reference)]
+        stored = {"w2": wasserstein2(start, reference)}
+        scores.put(key, stored)
+    return stored["w2"] ** 2
+
+
+def energy_scores(x: np.ndarray, energy: np.ndarray, floor: float, n: int) -> dict[int, dict[str, float]]:
+    """Per sample block k (the blocks of `scoring_blocks`), the mean path energy `pe` of its samples and
+    Tong et al. 2024's normalized path energy `npe = |pe - W2^2| / W2^2`, W2^2 = `floor` (0 for a
+    flow whose every path is the straight line at constant speed of the OT map)."""
+    out = {}
+    for k in range(len(x) // n):
+        pe = float(np.mean(energy[k * n:(k + 1) * n]))
+        out[k] = {"pe": pe, "npe": abs(pe - floor) / floor}
+    return out
 
 
 def cost_metrics(label: str, nfe: np.ndarray, rounds: np.ndarray) -> dict[str, float]:
@@ -128,14 +160,17 @@ def score_store(cfg: RunConfig, data: Ref, features: Ref | None, reference: np.n
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref | None,
-             model: Ref | None = None) -> dict[str, float]:
+             model: Ref | None = None, source: Ref | None = None) -> dict[str, float]:
     """Metrics named `<metric>@<setting label>`, e.g. `fid@euler,nfe=4`,
     `w2@dopri5,atol=0.001,rtol=0.001`, plus `<metric>_floor`: the same protocol applied to as
     many real training examples as there are samples; `nfe@<label>` where the measured NFE differs
     from the label's (adaptive samplers, Picard); `rounds@<label>` (sequential network calls) where
     it differs from the NFE (Picard windows evaluate several points of a sample in one call);
     and the test NLL of every `evaluate.likelihood` estimator (`nll@<name>` in nats per
-    example, `bpd@<name>` in bits per dimension for images), with its standard error.
+    example, `bpd@<name>` in bits per dimension for images), with its standard error. For point
+    clouds sampled by a fixed-step ODE sampler, `pe@<label>` (the mean path energy of the generated
+    trajectories), `npe@<label>` (Tong et al. 2024's normalized path energy) and `pe_floor`
+    (W2^2 between the `source` and the held-out data, the least energy a flow can have).
 
     With `sample.sets` = K > 1 every value is the mean over K sample sets of `n_samples` (and
     over K random subsets of the training data for the floor); `<metric>_sd@...` is their spread.
@@ -170,8 +205,16 @@ def evaluate(cfg: RunConfig, samples: dict[str, Ref], data: Ref, features: Ref |
     else:
         for block, x in missing.items():
             keep(block, image_scores(x, reference, features, cfg, data))
-    metrics = summarize_blocks({block: scores.get(key) for block, key in keys.items()})
-    for label, (_, nfe, rounds) in loaded.items():
+    energy = {}
+    energies = {label: (x, e) for label, (x, _, _, e) in loaded.items() if e is not None}
+    floor = ends_ot_cost(cfg, reference, source, scores) if splits.kind == "points" and energies else None
+    if floor:
+        energy = {(label, k): v for label, (x, e) in energies.items()
+                  for k, v in energy_scores(x, e, floor, cfg.sample.n_samples).items()}
+    metrics = summarize_blocks({block: {**scores.get(key), **energy.get(block, {})} for block, key in keys.items()})
+    if floor:
+        metrics["pe_floor"] = floor
+    for label, (_, nfe, rounds, _) in loaded.items():
         metrics |= cost_metrics(label, nfe, rounds)
     metrics |= _finish_likelihoods(cfg, likelihoods, splits, scores)
     require_finite(metrics, f"evaluate {cfg.name}")

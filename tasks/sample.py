@@ -26,6 +26,7 @@ from tasks.runtime import ensure_ray
 
 
 SCHEME = "shards-v4"  # bump when the way shards are drawn changes: stored samples are keyed by it
+DISTINCT_STARTS = "distinct-starts"  # a dataset source's starts: distinct rows within each sample set
 
 # Ray ships the class by reference: workers import only models.sampling (torch), not Prefect.
 SamplerActor = ray.remote(num_cpus=1)(Sampler)
@@ -35,6 +36,8 @@ def sample_folder(cfg: RunConfig, model: Ref, keep_start: bool = False) -> Path:
     """Where the sample sets of a model live: keyed by the model and the sampling protocol."""
     n = cfg.sample
     start = ("with-starts",) if keep_start else ()
+    if cfg.source_config.name != "gaussian":  # starts drawn without replacement (models.sampling.start_draw)
+        start += (DISTINCT_STARTS,)
     return store() / "samples" / short_hash(SCHEME, model.hash, cfg.seed, n.n_samples, n.sets, n.shard_size, *start)
 
 
@@ -67,6 +70,12 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
     """Run the missing shards on Ray actors, keeping each one on disk as it arrives."""
     ensure_ray()
     source_path = str(source.path / "test.npy") if source else None
+    if source_path:
+        rows = len(np.load(source_path, mmap_mode="r", allow_pickle=False))
+        if rows < cfg.sample.n_samples:
+            note(f"sample {cfg.name}: the source's test split holds {rows} rows, fewer than sample.n_samples = "
+                 f"{cfg.sample.n_samples}: starts are drawn with replacement (set source.n_test, or a larger "
+                 "source.test_path, for distinct starts)")
     gpus = 1 if cfg.sample.device == "cuda" else 0
     actors = [
         SamplerActor.options(num_gpus=gpus).remote(model.uri, cfg.seed, source_path, device=cfg.sample.device)
@@ -81,7 +90,8 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
             job = bar.add_task(f"sample {cfg.name}", total=len(jobs) + kept, completed=kept,
                                info=f"{len(actors)} Ray workers")
             for res in ray.util.ActorPool(actors).map_unordered(
-                lambda a, j: a.run.remote(j[0], j[1], j[2], cfg.seed, traj if j[1] == 0 else 0, keep_start), jobs
+                lambda a, j: a.run.remote(j[0], j[1], j[2], cfg.seed, traj if j[1] == 0 else 0, keep_start,
+                                          j[1] * cfg.sample.shard_size, cfg.sample.n_samples), jobs
             ):
                 bad = int(np.size(res["x"]) - np.isfinite(res["x"]).sum())
                 if bad:
@@ -100,7 +110,8 @@ class ShardFolder:
     they are assembled, in order, into the setting's file (atomically), and the folder goes.
     A shard holds `x`, `nfe` (network evaluations per sample) and `rounds` (sequential network
     calls); the setting's file holds `x` concatenated and `nfe`, `rounds` one per shard. A shard or
-    file from before rounds were stored has none: each call was one evaluation, rounds == nfe."""
+    file from before rounds were stored has none: each call was one evaluation, rounds == nfe.
+    An ODE sampler's shard also holds `energy`, the path energy of each sample (one row each)."""
 
     def __init__(self, file: Path, count: int) -> None:
         self.file, self.count = file, count
@@ -109,7 +120,7 @@ class ShardFolder:
 
     def save(self, result: dict) -> None:
         arrays = {"x": result["x"], "nfe": np.int64(result["nfe"]), "rounds": np.int64(result["rounds"])}
-        for key in ("trajectory", "x0"):
+        for key in ("trajectory", "x0", "energy"):
             if result.get(key) is not None:
                 arrays[key] = result[key]
         self.folder.mkdir(exist_ok=True)
@@ -128,8 +139,9 @@ class ShardFolder:
                   "rounds": np.array([p.get("rounds", p["nfe"]) for p in parts], dtype=np.int64)}
         if "trajectory" in parts[0]:
             arrays["trajectory"] = parts[0]["trajectory"]
-        if "x0" in parts[0]:
-            arrays["x0"] = np.concatenate([p["x0"] for p in parts])
+        for key in ("x0", "energy"):  # one row per sample (kept only when every shard has it)
+            if all(key in p for p in parts):
+                arrays[key] = np.concatenate([p[key] for p in parts])
         write_npz(self.file, arrays)
         shutil.rmtree(self.folder)
 

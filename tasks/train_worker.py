@@ -55,7 +55,7 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     # the node's cores shared among the workers on it: one worker alone uses them all
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     if config.get("pairs"):  # a coupling set: row i of x0 is paired with row i of x1
@@ -95,6 +95,7 @@ def train_worker(config: dict) -> None:
     coupling = getattr(cfg, "coupling", None)
     pairs = PairSampler(
         data, local_batch, source=source, seed=cfg.seed, rank=rank, paired=bool(config.get("pairs")),
+        noise=getattr(getattr(model, "scheduler", None), "noisy", False),
         coupling=make_coupling(coupling.kind, **coupling.kwargs) if coupling and not config.get("pairs") else None,
     )
     board = ProgressBoard.find(config.get("progress"))

@@ -161,8 +161,9 @@ def test_shard_folder_keeps_rounds_and_reads_files_without_them(tmp_path):
     folder.save(shard(1, 130, 10))
     np.savez(folder.folder / "2.npz", x=shard(2, 50)["x"], nfe=np.int64(50))  # an old shard
     ShardFolder(file, 3).assemble()
-    x, nfe, rounds = _load_samples(Ref("samples", str(file), "h"))
+    x, nfe, rounds, energy = _load_samples(Ref("samples", str(file), "h"))
     assert x.shape == (6, 2) and nfe.tolist() == [120, 130, 50] and rounds.tolist() == [9, 10, 50]
+    assert energy is None  # no path energy stored: not an ODE sampler's shards
     old = tmp_path / "old.npz"
     np.savez(old, x=x, nfe=np.array([10, 10]))
     assert _load_samples(Ref("samples", str(old), "h"))[2].tolist() == [10, 10]
