@@ -10,7 +10,7 @@ Synthetic 2-D toys are drawn by `models.toys`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -54,12 +54,17 @@ class DatasetSpec:
     seed: int = 0
     test_path: str | None = None
 
+    _LATER_FIELDS = ("test_path",)
+
+    def fields(self) -> dict:
+        """Every field, but those added later left out at their defaults: what names a dataset
+        version (the repr, ``tasks.data.spec_hash``) and what its meta.json records, so existing
+        versions keep their names and their bytes."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__
+                if not (k in self._LATER_FIELDS and getattr(self, k) is None)}
+
     def __repr__(self) -> str:
-        """The dataclass repr, which names a dataset version (``tasks.data.spec_hash``); fields added
-        later are left out at their defaults, so existing versions keep their names."""
-        fields = [(f, getattr(self, f)) for f in self.__dataclass_fields__]
-        shown = ", ".join(f"{k}={v!r}" for k, v in fields if not (k == "test_path" and v is None))
-        return f"DatasetSpec({shown})"
+        return "DatasetSpec(" + ", ".join(f"{k}={v!r}" for k, v in self.fields().items()) + ")"
 
 
 @dataclass
@@ -477,7 +482,7 @@ def save_splits(splits: Splits, folder: Path) -> None:
         "levels": splits.levels,
         "name": None if spec is None else spec.name,
         "shapes": shapes,
-        "spec": None if spec is None else asdict(spec),
+        "spec": None if spec is None else spec.fields(),
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

@@ -81,7 +81,7 @@ def test_committed_datasets_rebuild_to_their_committed_hash(home: Path) -> None:
         cfg = configs[name]
         ref = _version(cfg.data, cfg.seed)
         assert Path(ref.path).name == name
-        assert ref.hash == yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+        assert ref.hash == yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"], dvc_file.name
         assert target.read_bytes() == dvc_file.read_bytes()
 
 
