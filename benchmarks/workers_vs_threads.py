@@ -9,6 +9,11 @@ and N = cores DDP processes of 1 thread each on gloo (the per-worker batch 64 / 
 all-reduces the gradients in backward). On a node whose cores are all its workers', the ratio
 says which layout a training stage should ask Ray Train for: `train.num_workers: 1` (the lone
 worker takes every core, `tasks/train_worker.py`) or one worker a core.
+
+Batches come from `models.pairs.PairSampler.stream` as in the worker, built inline or ahead in
+a background thread ("+ batch thread", `prefetch=2`): the two rows with and without it show
+what one more thread beside a step on every core costs (why the stream builds cheap batches
+inline).
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ UNET = dict(base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1, groups=
 BATCH = 64
 
 
-def _worker(rank: int, world: int, threads: int, steps: int, port: int, out) -> None:
+def _worker(rank: int, world: int, threads: int, prefetch: int, steps: int, port: int, out) -> None:
     from models.networks import build_network
+    from models.pairs import PairSampler
 
     torch.set_num_threads(threads)
     if world > 1:
@@ -38,12 +44,13 @@ def _worker(rank: int, world: int, threads: int, steps: int, port: int, out) -> 
     net = build_network("unet", (1, 8, 8), **UNET)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     optimizer = torch.optim.AdamW(net.parameters(), 1e-3)
-    gen = torch.Generator().manual_seed(rank)
-    x, t = torch.randn(BATCH // world, 1, 8, 8, generator=gen), torch.rand(BATCH // world, generator=gen)
+    data = torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    batches = PairSampler(data, BATCH // world, rank=rank).stream(0, 10 ** 6, prefetch=prefetch)
 
     def step() -> None:
+        batch = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        loss = (model(x, t) - x).square().mean()
+        loss = (model(batch.x1, batch.t) - batch.x0).square().mean()
         loss.backward()
         optimizer.step()
         loss.item()
@@ -57,10 +64,10 @@ def _worker(rank: int, world: int, threads: int, steps: int, port: int, out) -> 
         out.put(min(seconds))
 
 
-def ms_per_step(world: int, threads: int, steps: int, port: int) -> float:
+def ms_per_step(world: int, threads: int, prefetch: int, steps: int, port: int) -> float:
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, threads, steps, port, out), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, threads, prefetch, steps, port, out), nprocs=world, start_method="spawn")
     return out.get() * 1e3
 
 
@@ -70,20 +77,25 @@ def main() -> None:
     args = p.parse_args()
     cores = os.cpu_count() or 1
     steps = 10 if args.quick else 40
-    layouts = {"1 process, 1 thread": (1, 1), f"1 process, {cores} threads": (1, cores),
-               f"{cores} DDP processes, 1 thread each": (cores, 1)}
+    layouts = {"1 process, 1 thread": (1, 1, 0), f"1 process, {cores} threads": (1, cores, 0),
+               f"1 process, {cores} threads + batch thread": (1, cores, 2),
+               f"{cores} DDP processes, 1 thread each": (cores, 1, 0),
+               f"{cores} DDP processes, 1 thread each + batch thread": (cores, 1, 2)}
     load_before = C.uptime()
     times = {name: [] for name in layouts}
     for r in range(1 if args.quick else args.rounds):
-        for k, (name, (world, threads)) in enumerate(layouts.items()):
-            times[name].append(ms_per_step(world, threads, steps, 29400 + 10 * r + k))
+        for k, (name, (world, threads, prefetch)) in enumerate(layouts.items()):
+            times[name].append(ms_per_step(world, threads, prefetch, steps, 29400 + 10 * r + k))
     best = {name: min(v) for name, v in times.items()}
     one = best["1 process, 1 thread"]
     rows = [[name, best[name], one / best[name]] for name in layouts]
     C.print_table(f"digits UNet training step, global batch {BATCH} ({load_before})", ["layout", "ms/step", "speed-up vs 1 thread"], rows)
     threads_vs_ddp = best[f"{cores} DDP processes, 1 thread each"] / best[f"1 process, {cores} threads"]
-    print(f"\none worker with {cores} threads is {threads_vs_ddp:.2f}x as fast as {cores} DDP workers")
-    C.finish(args, "workers vs threads", TARGET, {"threads / DDP speed-up": threads_vs_ddp, "ms/step": best},
+    thread_cost = best[f"1 process, {cores} threads + batch thread"] / best[f"1 process, {cores} threads"]
+    print(f"\none worker with {cores} threads is {threads_vs_ddp:.2f}x as fast as {cores} DDP workers; "
+          f"a batch thread beside it makes its step {thread_cost:.2f}x as long")
+    C.finish(args, "workers vs threads", TARGET, {"threads / DDP speed-up": threads_vs_ddp,
+                                                   "batch thread slow-down": thread_cost, "ms/step": best},
              {"load_before": load_before, "load_after": C.uptime(), "times_ms": times})
 
 

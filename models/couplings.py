@@ -19,6 +19,10 @@ class Coupling(abc.ABC):
     """Re-pairs a batch of sources with a batch of data samples (``generator``: where a coupling
     that draws pairs at random takes its randomness, so a batch stays a function of its step)."""
 
+    #: Whether pairing a batch costs real work (an OT plan): then batches are worth building
+    #: ahead of the training step in another thread (``models.pairs.PairSampler.stream``).
+    costly: bool = False
+
     @abc.abstractmethod
     def __call__(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]: ...
 
@@ -48,6 +52,8 @@ class MinibatchOTCoupling(Coupling):
 
     METHODS = ("exact", "sinkhorn")
     PAIRS = ("argmax", "sample")
+
+    costly = True
 
     def __init__(self, method: str = "exact", reg: float = 0.05, normalize_cost: bool = True, pairs: str = "argmax"):
         if method not in self.METHODS:

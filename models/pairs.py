@@ -80,14 +80,20 @@ class PairSampler:
         noise = torch.randn(x1.shape, generator=g) if self.noise else None
         return Batch(step, x0, x1, t, noise)
 
-    def stream(self, start: int, stop: int, prefetch: int = 2, workers: int = 1) -> Iterator[Batch]:
+    def stream(self, start: int, stop: int, prefetch: int | None = None, workers: int = 1) -> Iterator[Batch]:
         """Batches for steps start..stop-1, in order.
 
         With ``prefetch > 0`` they are built ahead in background threads: one thread
         (``workers=1``, the default) keeps up to ``prefetch`` batches ready; ``workers > 1``
         threads build up to ``max(prefetch, workers)`` batches concurrently. The batches
-        are identical in every case (each is ``self.batch(step)``).
+        are identical in every case (each is ``self.batch(step)``). By default (None) only a
+        coupling that solves plans is built ahead (2 batches): a batch of rows drawn at random
+        costs a fraction of a millisecond, and a thread drawing it beside a training step on
+        every core slows the step down (``benchmarks/workers_vs_threads.py``: the digits UNet at
+        2 threads, 77 ms a step with a batch thread against 39 ms without).
         """
+        if prefetch is None:
+            prefetch = 2 if self.coupling.costly else 0
         if prefetch <= 0:
             yield from (self.batch(s) for s in range(start, stop))
             return
