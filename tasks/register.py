@@ -164,7 +164,10 @@ def _log(client, run_id: str, cfg: RunConfig, model: Ref, metrics: dict[str, flo
 
     now = int(time.time() * 1000)
     state = model.path / "state.json"
-    losses = json.loads(state.read_text())["losses"] if state.exists() else []
+    trained = json.loads(state.read_text()) if state.exists() else {}
+    losses = trained.get("losses", [])
+    if trained.get("workers"):  # which Ray node each training worker ran on
+        client.set_tag(run_id, "gendag.train_nodes", ",".join(w["node"][:12] for w in trained["workers"]))
     params = [Param(k, str(v)[:500]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
     for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
         client.log_batch(run_id, params=params[i:i + 100])

@@ -77,6 +77,7 @@ def train_worker(config: dict) -> None:
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = {"step": 0, "losses": [], "resumed_from": []}
+    placement = _placement(rank, world)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -89,6 +90,7 @@ def train_worker(config: dict) -> None:
             state = json.loads((Path(d) / STATE_FILE).read_text())
         ema.num_updates = state["step"]  # one EMA update per step: restores the warm-up schedule
         state["resumed_from"] = state.get("resumed_from", []) + [state["step"]]
+    state["workers"] = placement  # where this attempt runs (a resumed run may run elsewhere)
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     local_batch = max(1, cfg.train.batch_size // world)
@@ -122,6 +124,19 @@ def train_worker(config: dict) -> None:
         if checkpoint_due:
             state["step"] = step
             _report(step, state, model, ema, optimizer, spec, rank, objective.modules())
+
+
+def _placement(rank: int, world: int) -> list[dict[str, str]]:
+    """Where every rank runs, in rank order: its Ray node and that node's address (gathered from
+    every rank; on a cluster the workers of one run can land on different nodes)."""
+    import ray
+
+    mine = {"node": ray.get_runtime_context().get_node_id(), "address": ray.util.get_node_ip_address()}
+    if world == 1:
+        return [mine]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 def _non_finite(loss: float, step: int, rank: int, world: int, model: torch.nn.Module | None) -> tuple[bool, str]:

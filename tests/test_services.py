@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from graph_runs import kill_group, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -127,13 +128,67 @@ def test_two_workers_land_on_two_nodes(services):
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "2", result.stdout + result.stderr
 
 
+def train_nodes(env: dict[str, str], run_id: str) -> list[str]:
+    """The Ray node each training worker of a registered run ran on, by rank (its MLflow tag)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_run(run_id).data.tags["gendag.train_nodes"].split(",")
+
+
 def test_a_graph_registers_on_the_team_server(services, tmp_path):
     """Pointed at the services by env.sh alone: registered on the PostgreSQL-backed MLflow server,
-    the flow run on the Prefect server, nothing embedded (no mlflow.db, no local Prefect home)."""
+    the flow run on the Prefect server, nothing embedded (no mlflow.db, no local Prefect home);
+    its two Ray Train workers (one CPU each) trained on the cluster's two one-CPU nodes."""
     _, env = services
     summary = finished(run_graph(tmp_path / "ws", env), tmp_path / "ws")
     check_on_server(env, summary)
     assert not (tmp_path / "ws" / "mlflow.db").exists()
+    nodes = train_nodes(env, summary["mlflow_run_id"])
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+
+
+def _moons_file(path: Path, seed: int) -> None:
+    import numpy as np
+    from sklearn.datasets import make_moons
+
+    np.save(path, make_moons(3000, noise=0.05, random_state=seed)[0].astype(np.float32))
+
+
+def test_scheduled_retraining_on_the_team_services(services, tmp_path):
+    """The team's loop end to end on the services: a champion trained from an .npy file; the file
+    changes in place; `gendag serve` deploys `gendag retrain` on the services' Prefect server, whose
+    scheduler fires it; the run sees the new data version, retrains on the cluster and, better on
+    the champion's own protocol, takes the champion alias on the PostgreSQL-backed MLflow server."""
+    from mlflow import MlflowClient
+
+    _, env = services
+    ws = tmp_path / "team"
+    ws.mkdir()
+    points, name = ws / "points.npy", "fm-team-retrain"
+    _moons_file(points, seed=0)
+    champion = finished(run_graph(ws, env, "--set", f"name={name}", "--set", "data.name=npy",
+                                  "--set", f"data.path={points}", "--set", "train.steps=20"), ws)
+    _moons_file(points, seed=1)  # the same path, new rows
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--name", "team-retrain", "--every", "30", "--",
+         "retrain", f"models:/gendag-{name}", "--set", "train.steps=300", "--out", str(ws / "retrained")],
+        cwd=ws, env=clean_env(GENDAG_HOME=str(ws), **env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    registered = f"gendag-{name}"
+    try:
+        def promoted():
+            version = client.get_model_version_by_alias(registered, "champion")
+            return version if int(version.version) != champion["registered_model"]["version"] else None
+
+        version = wait_for(promoted, "the retrained model to take the champion alias", serving, timeout=900, poll=5)
+    finally:
+        kill_group(serving)
+    assert version.tags["gendag.promoted_over"] == str(champion["registered_model"]["version"])
+    assert version.tags["gendag.data_hash"] != champion["data_hash"]  # the new data version was used
+    assert len(set(train_nodes(env, version.run_id))) == 2
+    listed = gendag("schedules", env=clean_env(GENDAG_HOME=str(ws), **env)).stdout
+    assert "team-retrain" in listed and "gendag retrain" in listed
 
 
 def test_two_graphs_registering_at_once(services, tmp_path):

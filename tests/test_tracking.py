@@ -93,6 +93,10 @@ def test_the_graphs_run_spans_it_and_carries_code_data_curves_and_descriptions(t
                           cwd=Path(__file__).parents[1]).stdout.strip()
     assert tags["mlflow.source.git.commit"] == head and tags["gendag.git_commit"].startswith(head)
     assert tags["mlflow.source.name"] == "gendag flow-matching" and tags["mlflow.source.type"] == "LOCAL"
+    import ray
+
+    nodes = tags["gendag.train_nodes"].split(",")  # the Ray node of each training worker, by rank
+    assert nodes == [ray.get_runtime_context().get_node_id()[:12]] * 2  # two workers, this one local node
 
     inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "source"}
