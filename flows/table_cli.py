@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_support import _run_flows, console, fail
@@ -99,7 +100,7 @@ def _dry_run(spec, scale: str, seeds: int, cells, folder: Path) -> None:
         train = ", ".join(f"{label} {t.steps}x{t.batch_size}" for label, t in cost.stages)
         workers = {(t.num_workers or 1, t.use_gpu) for _, t in cost.stages}
         where = " / ".join(f"{n} {'GPU' if gpu else 'CPU'} worker{'s' * (n > 1)}" for n, gpu in sorted(workers))
-        console.print(f"  [bold]{cell.folder_name}[/]  {cell.graph} -c {cell.config.stem} {' '.join(cell.overrides)}")
+        console.print(f"  [bold]{cell.folder_name}[/]  {cell.graph} -c {cell.config.stem} {escape(' '.join(cell.overrides))}")
         console.print(f"      train {train} on {where} · sample {cell.cfg.sample.n_samples} x {cell.cfg.sample.sets} "
                       f"set(s), {cost.sampled_evals:.3g} network evals · {cost.flops_per_item / 1e6:.3g} MFLOP/item "
                       f"· est. {_duration(cost.seconds)} · {data}")

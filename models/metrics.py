@@ -10,6 +10,7 @@ import torch
 EMD_MAX_ITER = 100_000_000
 W2_REFERENCE_POINTS = 10_000
 MMD_POINTS = 2_000  # MMD is O(n^2): scored on the first 2,000 points of each cloud
+NEIGHBOURS = 3  # k of the k-NN balls of precision and recall (Kynkaanniemi et al. 2019's choice)
 
 
 def reference_set(test: np.ndarray, kind: str, n_reference: int | None = None) -> np.ndarray:
@@ -49,6 +50,27 @@ def point_scores(x: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return {
         "w2": wasserstein2(x, reference),
         "mmd": mmd_rbf(x[:MMD_POINTS], reference[:MMD_POINTS]),
+        **precision_recall(x[:MMD_POINTS], reference[:MMD_POINTS]),
+    }
+
+
+def precision_recall(fake: np.ndarray, real: np.ndarray, k: int = NEIGHBOURS) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019, Eq. 1-2): each cloud's
+    manifold is the union of balls around its points reaching their k-th nearest neighbour in
+    the same cloud; precision is the share of `fake` points inside the real manifold (quality),
+    recall the share of `real` points inside the fake one (coverage: a dropped mode lowers it)."""
+    a = torch.from_numpy(_as_float64_points(fake))
+    b = torch.from_numpy(_as_float64_points(real))
+    if min(len(a), len(b)) <= k:
+        raise ValueError(f"precision and recall need more than k={k} points in each cloud, got {len(a)} and {len(b)}")
+
+    def radii(points: torch.Tensor) -> torch.Tensor:  # the k-th neighbour but itself (distance 0)
+        return torch.cdist(points, points).kthvalue(k + 1, dim=1).values
+
+    across = torch.cdist(a, b)  # fake x real
+    return {
+        "precision": float((across <= radii(b)[None, :]).any(dim=1).double().mean()),
+        "recall": float((across <= radii(a)[:, None]).any(dim=0).double().mean()),
     }
 
 

@@ -93,8 +93,8 @@ class Hits:
 def read_metric(summary: dict, key: str) -> float | None:
     """`key` in a run's metrics; `<stage>/<key>` in that stage's (a multi-stage graph);
     `best:<name>` the lowest `<name>@<setting>` over the trained sampler settings, and
-    `best_nfe:<name>` the NFE of that setting; `nfe@<setting>` is measured where the setting
-    does not fix it, else read from it."""
+    `best_<metric>:<name>` the `<metric>` of that setting (`best_nfe:w2`, `best_recall:w2`);
+    `nfe@<setting>` is measured where the setting does not fix it, else read from it."""
     head = key.split("@", 1)[0]
     stage, _, name = key.rpartition("/") if "/" in head else ("", "", key)
     metrics = summary["metrics"] if not stage else next(
@@ -104,7 +104,7 @@ def read_metric(summary: dict, key: str) -> float | None:
     from models.samplers import parse_label
 
     what, _, score = name.partition(":")
-    if what not in ("best", "best_nfe"):
+    if what != "best" and not what.startswith("best_"):
         if name in metrics or not name.startswith("nfe@"):
             return metrics.get(name)
         nfe = parse_label(name.split("@", 1)[1])[1].get("nfe")  # a fixed-step setting: its label says it
@@ -117,8 +117,7 @@ def read_metric(summary: dict, key: str) -> float | None:
     label = min(trained, key=trained.get)
     if what == "best":
         return trained[label]
-    nfe = metrics.get(f"nfe@{label}", parse_label(label)[1].get("nfe"))
-    return None if nfe is None else float(nfe)
+    return read_metric(summary, f"{stage}/{what[5:]}@{label}" if stage else f"{what[5:]}@{label}")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.metrics import mmd_rbf, wasserstein2
+from models.metrics import mmd_rbf, precision_recall, wasserstein2
 
 
 def test_w2_between_point_masses_is_their_distance() -> None:
@@ -46,6 +46,30 @@ def test_mmd_unbiased_for_unequal_sizes() -> None:
     values = [mmd_rbf(rng.standard_normal((200, 2)), rng.standard_normal((300, 2))) for _ in range(20)]
     assert abs(np.mean(values)) < 2e-3
     assert min(values) < 0 < max(values)  # the unbiased estimate straddles zero
+
+
+def test_precision_and_recall_on_known_clouds() -> None:
+    """Samples of the same law score near 1 on both; samples that drop half the modes keep
+    their precision and lose half the recall; samples off the data lose precision."""
+    rng = np.random.default_rng(5)
+    modes = np.array([[-4.0, 0.0], [4.0, 0.0]])
+    real = modes[rng.integers(0, 2, 2000)] + 0.3 * rng.standard_normal((2000, 2))
+    same = modes[rng.integers(0, 2, 2000)] + 0.3 * rng.standard_normal((2000, 2))
+    one_mode = modes[np.zeros(2000, dtype=int)] + 0.3 * rng.standard_normal((2000, 2))
+    scores = precision_recall(same, real)
+    assert scores["precision"] > 0.95 and scores["recall"] > 0.95
+    dropped = precision_recall(one_mode, real)
+    assert dropped["precision"] > 0.95 and dropped["recall"] == pytest.approx(0.5, abs=0.03)
+    assert precision_recall(real + [0.0, 3.0], real) == {"precision": 0.0, "recall": 0.0}
+    tiny = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="more than k=3 points"):
+        precision_recall(tiny, real)
+
+
+def test_precision_counts_a_point_on_a_ball_edge() -> None:
+    """One real point's ball reaches its 3rd neighbour: a fake point at that distance is inside."""
+    real = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    assert precision_recall(np.array([[0.0, 3.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0]]), real)["precision"] == 0.25
 
 
 def test_scoring_blocks_and_summary():

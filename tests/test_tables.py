@@ -211,6 +211,10 @@ def test_best_reads_the_lowest_trained_setting_and_its_nfe() -> None:
     del summary["metrics"]["w2@dopri5,atol=0.001,rtol=0.001"]
     assert read_metric(summary, "best:w2") == 0.5 and read_metric(summary, "best_nfe:w2") == 4.0
     assert read_metric(summary, "best:fid") is None
+    summary["metrics"] |= {"recall@euler,nfe=4": 0.9, "recall@euler,nfe=1": 0.2}
+    assert read_metric(summary, "best_recall:w2") == 0.9  # the recall where W2 is best
+    assert read_metric({"metrics": {}, "stages": [{"stage": "2-RF", "metrics": summary["metrics"]}]},
+                       "2-RF/best_recall:w2") == 0.9
     assert read_metric(summary, "nfe@euler,nfe=4") == 4.0 and read_metric(summary, "nfe@dopri5,atol=1,rtol=1") is None
 
 
