@@ -32,7 +32,7 @@ from models.samplers import sample_with
 from models.sampling import sampling_grid, start_draw
 from models.training import optimizer_step, scheduled_lr
 from models.ema import EMA
-from tasks.config import load_config
+from tasks.config_loading import load_config
 
 
 def run(cfg, steps: int | None = None, prefetch: int = 2, pair_workers: int = 1) -> dict:

@@ -39,7 +39,7 @@ def main() -> None:
 
     configure_environment()
     from parallel_sampling import make_model
-    from tasks.config import load_config
+    from tasks.config_loading import load_config
     from tasks.couplings import generate_couplings
     from tasks.infra import Ref, folder_digest
     from tasks.runtime import ensure_ray

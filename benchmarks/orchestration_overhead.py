@@ -66,7 +66,7 @@ def bare(config: str, scale: str, overrides: list[str], workdir: Path, out: Path
     from models.couplings import make_coupling
     from models.paths import GaussianPath
     from models.training import optimizer_step, scheduled_lr
-    from tasks.config import load_config
+    from tasks.config_loading import load_config
 
     torch.set_num_threads(threads)
     cfg = load_config(resolve_config("flow-matching", config), scale=scale, overrides=overrides)

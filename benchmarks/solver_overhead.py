@@ -35,7 +35,8 @@ from torch import nn
 
 from models.checkpoint import ModelSpec
 from models.samplers import SAMPLERS, Setting, get_sampler, sample_with, settings_for
-from tasks.config import RunConfig, load_config
+from tasks.config import RunConfig
+from tasks.config_loading import load_config
 
 TARGET = "sampler time <= 1.1 x (NFE x one net(x, t) forward)"
 CONFIGS = {"flow-matching/digits": (1, 8, 8), "flow-matching/gaussians-to-moons": (2,),

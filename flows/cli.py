@@ -26,7 +26,7 @@ app.add_typer(table_cli.app)  # table
 def resolve_config(graph: str, config: str | None) -> Path:
     """A path, or a name under configs/ (with or without `.yaml`)."""
     from flows.graphs import GRAPHS
-    from tasks.config import find_config
+    from tasks.config_loading import find_config
 
     path = find_config(graph, config or GRAPHS[graph].default_config)
     if path:
@@ -51,7 +51,8 @@ def run(
 
     Several configs run one after another in one process (one Prefect server, one Ray), all validated first."""
     from flows.graphs import GRAPHS
-    from tasks.config import ConfigError, load_config
+    from tasks.config import ConfigError
+    from tasks.config_loading import load_config
     from tasks.preflight import preflight
 
     if graph not in GRAPHS:
@@ -100,7 +101,8 @@ def sample(
     MLflow run tagged with the model version it evaluated (no new version, no alias moved)."""
     import yaml
 
-    from tasks.config import ConfigError, apply_overrides, validate
+    from tasks.config import ConfigError
+    from tasks.config_loading import apply_overrides, validate
     from tasks.preflight import preflight
 
     overrides = list(set_)

@@ -35,7 +35,8 @@ def retrain(
     The new version is registered as `challenger`; the champion is re-scored on the new data
     version with its own protocol; a report (retrain.md, also in MLflow and Prefect) says what
     was compared and why it was or was not promoted."""
-    from tasks.config import ConfigError, apply_overrides, validate
+    from tasks.config import ConfigError
+    from tasks.config_loading import apply_overrides, validate
     from tasks.preflight import preflight
 
     match = re.fullmatch(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+))?", model)

@@ -19,7 +19,7 @@ run or DVC file):
 
 Config types were checked when the config was read (`tasks.config`). Every error is one line
 naming the key, file or value and what was expected; keys are blamed on the `--set` that set
-them, else on the config (`tasks.config.blame`).
+them, else on the config (`tasks.config_loading.blame`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from models.data import TORCHVISION, DatasetError, DatasetSpec, check_torchvision_files, data_shape, load_dataset
-from tasks.config import ConfigError, DataConfig, RunConfig, blame
+from tasks.config import ConfigError, DataConfig, RunConfig
 
 # Exact W2 (POT's emd on float64) peaks at about 4.6 GB for 10,000 x 10,000 points
+from tasks.config_loading import blame
 # (models.metrics.wasserstein2): bytes per (sample, reference) pair.
 W2_BYTES_PER_PAIR = 46
 # Per training worker, what the weights cost: weights, EMA copy, gradients and Adam's two moments.

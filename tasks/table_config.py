@@ -20,7 +20,8 @@ from typing import Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
-from tasks.config import CONFIGS, SCALES, ConfigError, RunConfig, find_config, load_config, schemas
+from tasks.config import SCALES, ConfigError, RunConfig, schemas
+from tasks.config_loading import CONFIGS, find_config, load_config
 from tasks.config_sections import Strict
 
 TABLES = CONFIGS / "tables"

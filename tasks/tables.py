@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from tasks.config import CONFIGS, RunConfig  # noqa: E402
+from tasks.config import RunConfig  # noqa: E402
+from tasks.config_loading import CONFIGS  # noqa: E402
 from tasks.data import version_dataset  # noqa: E402
 from tasks.infra import RunError, home, store  # noqa: E402
 from tasks.table_config import Cell, TableConfig  # noqa: E402

@@ -32,7 +32,7 @@ from models.ema import EMA
 from models.objectives import make_objective, to_device
 from models.pairs import PairSampler
 from models.training import optimizer_step, scheduled_lr
-from tasks.config import validate
+from tasks.config_loading import validate
 from tasks.progress import ProgressBoard
 
 EMA_FILE = "ema.safetensors"

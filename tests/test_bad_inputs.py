@@ -263,7 +263,8 @@ def test_at_least_fifty_bad_inputs() -> None:
 def test_resampling_refuses_data_of_another_shape(tmp_path: Path, workspace_dir: Path) -> None:
     """`gendag sample` with a `--set data.name=...` the registered model was not trained on."""
     from models.checkpoint import SPEC_FILE, ModelSpec
-    from tasks.config import ConfigError, load_config
+    from tasks.config import ConfigError
+    from tasks.config_loading import load_config
     from tasks.preflight import preflight
 
     model = tmp_path / "model"

@@ -18,7 +18,8 @@ from models.parameterization import Denoiser
 from models.paths import GaussianPath, make_scheduler
 from models.samplers import sample_with, settings_for
 from models.sampling import start_draw
-from tasks.config import ConfigError, load_config
+from tasks.config import ConfigError
+from tasks.config_loading import load_config
 from tasks.config_sections import CondOTPath, DataConfig
 from tasks.evaluate import energy_scores
 

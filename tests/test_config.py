@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from flows.graphs import GRAPHS
-from tasks.config import ConfigError, load_config, schemas
+from tasks.config import ConfigError, schemas
+from tasks.config_loading import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MOONS = CONFIGS / "flow-matching" / "gaussians-to-moons.yaml"

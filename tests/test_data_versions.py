@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 import tasks.data as data_tasks
-from tasks.config import DataConfig, load_config
+from tasks.config import DataConfig
+from tasks.config_loading import load_config
 from tasks.data import dataset_folder, version_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ import pytest
 from graph_runs import MOONS, gendag, gendag_error, gendag_output, kill_group, start_gendag, wait_for
 from safetensors.torch import load_file
 
-from tasks.config import load_config
+from tasks.config_loading import load_config
 from tasks.infra import Ref, store
 from tasks.sample import sample_folder
 

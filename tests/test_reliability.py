@@ -16,7 +16,7 @@ from models.checkpoint import save_model
 from models.data import Splits, save_splits
 from models.pairs import PairSampler
 from models.sampling import sampling_grid
-from tasks.config import load_config
+from tasks.config_loading import load_config
 from tasks.evaluate import evaluate
 from tasks.infra import NonFiniteError, Ref, RunError, folder_digest, short_hash, store
 from tasks.register import register

@@ -15,7 +15,7 @@ from graph_runs import gendag, gendag_output
 
 from models.checkpoint import load_model
 from models.samplers import Setting, sample_with
-from tasks.config import load_config
+from tasks.config_loading import load_config
 from tasks.couplings import generate_couplings
 from tasks.infra import Ref
 

@@ -13,7 +13,7 @@ import pytest
 from graph_runs import MOONS, gendag, gendag_error, gendag_output
 
 from models.checkpoint import save_model
-from tasks.config import load_config
+from tasks.config_loading import load_config
 from tasks.infra import Ref, folder_digest
 from tasks.register import curve_point, graph_run, register
 
