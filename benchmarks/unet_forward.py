@@ -1,0 +1,37 @@
+"""How fast this machine is right now: one forward of the digits UNet that `make run` trains
+(`flow-matching/digits`'s network, 125 x 1 x 8 x 8, one thread), median of 50 after 10 warm-up
+calls. BENCHMARKS.md quotes it beside every main-job time (31 ms in (c); the guide's slow
+machine: 92 ms).
+
+    .venv/bin/python benchmarks/unet_forward.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import _common as C
+
+from tasks.config_loading import load_config
+
+
+def main() -> None:
+    C.parser(__doc__.splitlines()[0]).parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = load_config(C.ROOT / "configs" / "flow-matching" / "digits.yaml").model_spec((1, 8, 8)).build().eval()
+    x, t = torch.randn(125, 1, 8, 8), torch.rand(125)
+    seconds = []
+    with torch.no_grad():
+        for _ in range(60):
+            start = time.perf_counter()
+            net(x, t)
+            seconds.append(time.perf_counter() - start)
+    print(f"digits UNet forward: {1000 * statistics.median(seconds[10:]):.1f} ms (median of 50; {C.uptime()})")
+
+
+if __name__ == "__main__":
+    main()
