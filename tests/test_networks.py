@@ -68,3 +68,17 @@ def test_build_network_errors():
         build_network("unet", (64,))
     with pytest.raises(ValueError, match="groups"):
         UNet(base_channels=12)
+
+
+def test_unet_channels_last_is_only_a_layout():
+    """The UNet keeps its weights channels-last for speed; the same weights laid out the usual
+    way give the same field, and the output comes back contiguous (checkpoints, views)."""
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2), groups=4).double()
+    torch.nn.init.normal_(net.out[-1].weight)  # the output conv starts at zero
+    assert net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    out = net(x, t)
+    assert out.is_contiguous()
+    net.to(memory_format=torch.contiguous_format)
+    assert torch.allclose(out, net(x, t), atol=1e-10)
