@@ -95,7 +95,10 @@ def read_metric(summary: dict, key: str) -> float | None:
     """`key` in a run's metrics; `<stage>/<key>` in that stage's (a multi-stage graph);
     `best:<name>` the lowest `<name>@<setting>` over the trained sampler settings, and
     `best_<metric>:<name>` the `<metric>` of that setting (`best_nfe:w2`, `best_recall:w2`);
-    `nfe@<setting>` is measured where the setting does not fix it, else read from it."""
+    `nfe@<setting>` is measured where the setting does not fix it, else read from it;
+    `seconds:<part>` a wall time the summary records (`seconds:model_train`: the model's fit)."""
+    if key.startswith("seconds:"):
+        return summary.get("seconds", {}).get(key.split(":", 1)[1])
     head = key.split("@", 1)[0]
     stage, _, name = key.rpartition("/") if "/" in head else ("", "", key)
     metrics = summary["metrics"] if not stage else next(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -49,15 +50,18 @@ def run_name(cfg: RunConfig, data: Ref, source: Ref | None, inputs: dict[str, Re
     return f"{cfg.name}-{short_hash(json.dumps(identity, sort_keys=True), *ends, *extra)}"
 
 
-def finalize(checkpoint_dir: Path, folder: Path) -> None:
-    """Keep the finished model: EMA weights as the model, plus the raw weights and losses."""
+def finalize(checkpoint_dir: Path, folder: Path, seconds: float | None = None) -> None:
+    """Keep the finished model: EMA weights as the model, plus the raw weights and losses, and
+    the fit's wall time (`train_seconds` in its state: what training it cost, read again when a
+    later run reuses the model)."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     shutil.copy(checkpoint_dir / "model.json", partial / "model.json")
     shutil.copy(checkpoint_dir / EMA_FILE, partial / "model.safetensors")
     shutil.copy(checkpoint_dir / "model.safetensors", partial / "raw.safetensors")
-    shutil.copy(checkpoint_dir / STATE_FILE, partial / STATE_FILE)
+    state = json.loads((checkpoint_dir / STATE_FILE).read_text())
+    (partial / STATE_FILE).write_text(json.dumps({**state, "train_seconds": seconds}))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
 
@@ -110,6 +114,7 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
             ),
         )
         with track_progress(board.actor, f"train {cfg.name}", cfg.train.steps):
+            began = time.perf_counter()
             try:
                 result = trainer.fit()
             except TrainingFailedError as e:
@@ -124,8 +129,15 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
             if step != cfg.train.steps:
                 raise RunError(f"train {cfg.name}: the workers stopped at step {step} of {cfg.train.steps}; "
                                f"last good checkpoint: {last}")
-            finalize(Path(d), folder)
+            finalize(Path(d), folder, round(time.perf_counter() - began, 1))
     return Ref("model", str(folder), folder_digest(folder), cfg.digest())
+
+
+def train_seconds(model: Ref) -> float | None:
+    """The wall time the model's fit took when it was trained (None: not recorded, e.g. a model
+    finished before this was kept)."""
+    state = Path(model.uri) / STATE_FILE
+    return json.loads(state.read_text()).get("train_seconds") if state.exists() else None
 
 
 def _first_failure(error) -> str:

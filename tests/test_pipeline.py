@@ -34,6 +34,8 @@ def test_summary_has_metrics_and_lineage(moons: dict) -> None:
     assert metrics[f"mmd@{DOPRI}"] < 0.5 * metrics[f"mmd@{EULER4},untrained"]
     assert metrics[f"w2@{DOPRI}"] < metrics[f"w2@{EULER1}"]
     assert metrics["w2_floor"] < metrics[f"w2@{DOPRI}"]
+    # the model's fit took time and its folder keeps it (a later run that reuses it reads it back)
+    assert 0 < moons["seconds"]["model_train"] <= moons["seconds"]["train"]
 
 
 def test_registry_entry_and_lineage_tags(moons: dict, workspace: Path) -> None:

@@ -104,6 +104,13 @@ def test_a_cell_reads_its_runs_metric_or_its_stages() -> None:
     assert read_metric(SUMMARY, "3-RF/w2@euler,nfe=1") is None
 
 
+def test_a_cell_reads_a_recorded_wall_time() -> None:
+    timed = {**SUMMARY, "seconds": {"train": 0.1, "model_train": 42.5}}
+    assert read_metric(timed, "seconds:model_train") == 42.5  # the model's own fit, reused or not
+    assert read_metric(timed, "seconds:train") == 0.1
+    assert read_metric(SUMMARY, "seconds:model_train") is None
+
+
 def test_cells_are_means_over_seeds_beside_the_papers_numbers() -> None:
     table = load_table(str(SMOKE))
     second = json.loads(json.dumps(SUMMARY))
