@@ -116,9 +116,9 @@ class UNet(nn.Module):
     skip's exact size, so 28 -> 14 -> 7 -> 4 comes back to 28.  The output conv
     starts at zero, so training starts from the zero field.
 
-    Weights and activations are kept channels-last (NHWC): oneDNN's convolutions on these small
-    images run about 10% faster that way, a training step and a forward alike (BENCHMARKS.md,
-    "The main job, profiled"); the output is returned in the input's usual layout.
+    With ``channels_last`` (the default) weights and activations are kept channels-last (NHWC):
+    oneDNN's convolutions on these small images run about 10% faster that way, a training step
+    and a forward alike (``benchmarks/unet_layout.py``); the output is returned contiguous.
     """
 
     def __init__(
@@ -130,8 +130,10 @@ class UNet(nn.Module):
         time_dim: int = 128,
         groups: int = 8,
         dropout: float = 0.0,
+        channels_last: bool = True,
     ):
         super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         chans = [base_channels * m for m in channel_mults]
         if any(c % groups for c in chans):
             raise ValueError(f"channels {chans} must be multiples of groups={groups}")
@@ -153,11 +155,11 @@ class UNet(nn.Module):
         )
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=self.memory_format)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         temb = self.time(t).to(x.dtype)
-        h = self.stem(x.contiguous(memory_format=torch.channels_last))
+        h = self.stem(x.contiguous(memory_format=self.memory_format))
         skips = []
         for level, level_blocks in enumerate(self.down):
             for block in level_blocks:
