@@ -26,7 +26,6 @@ import re
 import subprocess
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -191,10 +190,7 @@ def _log_pyfunc(client, run_id: str, model: Ref, source: Ref | None, setting) ->
     if source:
         artifacts["source"] = str(source.path / "test.npy")
     sampler = {"method": setting.method, "nfe": setting.nfe, "params": dict(setting.params)}
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # MLflow asks for type hints to infer a signature; predict takes a dict or a DataFrame
-        # ({n, seed}) by design (tasks/pyfunc_model.py), so the hint-less form is meant
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+    with tempfile.TemporaryDirectory() as tmp:
         save_model(Path(tmp) / "pyfunc", python_model=str(CODE_ROOT / "tasks" / "pyfunc_model.py"),
                    artifacts=artifacts, code_paths=[str(CODE_ROOT / "models")], model_config={"sampler": sampler},
                    pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
