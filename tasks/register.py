@@ -39,13 +39,19 @@ from tasks.infra import Ref, RunError, first_line, flatten, home, require_finite
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
+OUTPUTS = "reports"  # what gendag itself writes into the checkout (`gendag table`'s tables)
+
+
 def git_commit() -> str:
-    """The commit of the code that ran, with `-dirty` when it had local changes."""
+    """The commit of the code that ran, with `-dirty` when it had local changes. A table written
+    under `reports/` by an earlier `gendag table` is an output, not a change to what ran: it does
+    not mark the next run dirty."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=CODE_ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){OUTPUTS}")
+    return commit + ("-dirty" if changed else "")
 
 
 def mlflow_metric_name(name: str) -> str:

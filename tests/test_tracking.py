@@ -163,3 +163,26 @@ def test_runs_list_and_compare(tracked: dict, workspace: Path) -> None:
     assert "data.name" in gendag_output("runs", "compare", tracked["mlflow_run_id"], again["mlflow_run_id"], "--all")
     assert "run 'nope': no such run in sqlite:///" in gendag_error("runs", "compare", "nope", again["mlflow_run_id"])
     assert "--experiment nope: no such experiment" in gendag_error("runs", "list", "--experiment", "nope")
+
+
+def test_a_written_table_does_not_mark_the_next_run_dirty(tmp_path: Path, monkeypatch) -> None:
+    """The commit a run records reads `-dirty` for a changed code or config file, not for the
+    tables an earlier `gendag table` wrote under reports/."""
+    import tasks.register as register_module
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    for name in ("model.py", "reports/table.md"):
+        (tmp_path / name).write_text("v1\n")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "v1")
+    monkeypatch.setattr(register_module, "CODE_ROOT", tmp_path)
+    clean = register_module.git_commit()
+    assert len(clean) == 40 and not clean.endswith("-dirty")
+    (tmp_path / "reports" / "table.md").write_text("v2\n")
+    assert register_module.git_commit() == clean
+    (tmp_path / "model.py").write_text("v2\n")
+    assert register_module.git_commit() == clean + "-dirty"
