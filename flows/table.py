@@ -2,7 +2,8 @@
 
     plan (configs/tables/<name>.yaml at a scale, with seeds)
       -> every cell: its finished run reused, or its graph run (a Prefect subflow, its MLflow run
-         nested in the table's; trained models and coupling sets reused by the graphs' caches)
+         nested in the table's; trained models and coupling sets reused by the graphs' caches),
+         as many side by side as the CPUs hold (`side_by_side`)
       -> the cells' numbers -> table.md / .csv / .tex / .png + manifest.json -> tables' index.md
       -> the table's MLflow run (parent of its cells' runs) and a Prefect artifact
 
@@ -11,6 +12,8 @@ A table's files reach its folder only when every cell succeeded (`run_outputs`).
 
 from __future__ import annotations
 
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,8 @@ from flows.graphs import GRAPHS
 from flows.summary import run_outputs
 from tasks.register import PARENT_RUN, git_commit, tracked_run
 from tasks.table_config import Cell, TableConfig
-from tasks.tables import Hits, cell_values, finished_cell, log_table, made_things, manifest, markdown, write_index, write_table
+from tasks.tables import (Hits, cell_values, finished_cell, log_table, manifest, markdown, side_by_side, write_index,
+                          write_table)
 
 EXPERIMENT = "gendag-tables"
 
@@ -56,18 +60,34 @@ def table_run(job: TableJob):
 def make_table(job: TableJob, out: Path) -> dict:
     table = job.table
     with run_outputs(out) as staging, table_run(job) as (run_id, commit):
-        hits, summaries = Hits(), {}
-        for cell in job.cells:
-            folder = job.runs / cell.folder_name
-            done = None if job.fresh else finished_cell(cell, folder)
-            before = made_things()
-            summary = done or GRAPHS[cell.graph].flow()(cell.cfg, folder)
-            hits.count(summary, before, reused_whole=done is not None)
-            summaries[cell.folder_name] = summary
+        hits, lanes = Hits(), side_by_side(job.cells)
+        summaries = run_cells(job, hits, lanes)
         values = cell_values(table, {run: [summaries[c.folder_name] for c in job.cells if c.run == run]
                                      for run in table.runs})
-        record = manifest(table, job.scale, job.seeds, job.cells, summaries, hits, commit, run_id)
+        record = manifest(table, job.scale, job.seeds, job.cells, summaries, hits, commit, run_id) | {"side_by_side": lanes}
         files = write_table(table, values, record, staging)
         log_table(run_id, values, files, markdown(table, values, record), table.name)
     write_index(out.parent)
     return record | {"folder": str(out)}
+
+
+def run_cells(job: TableJob, hits: Hits, lanes: int) -> dict[str, dict]:
+    """Every cell's summary by folder name: a finished cell reused whole, the others' graphs run,
+    `lanes` of them at once, each in a thread holding a copy of the table's context (so its
+    Prefect flow run and MLflow run nest in the table's). A failed cell stops the cells not begun."""
+
+    def one(cell: Cell) -> dict:
+        folder = job.runs / cell.folder_name
+        done = None if job.fresh else finished_cell(cell, folder)
+        summary = done or GRAPHS[cell.graph].flow()(cell.cfg, folder)
+        hits.count(summary, reused_whole=done is not None)
+        return summary
+
+    if lanes == 1:
+        return {cell.folder_name: one(cell) for cell in job.cells}
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="cell")
+    try:
+        running = {cell.folder_name: pool.submit(contextvars.copy_context().run, one, cell) for cell in job.cells}
+        return {name: future.result() for name, future in running.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

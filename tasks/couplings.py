@@ -25,7 +25,7 @@ from models.sampling import shard_seed
 from models.samplers import settings_for
 from tasks.config import RunConfig
 from tasks.data import publish, pulled_hash, tracked_hash
-from tasks.infra import Ref, home, short_hash
+from tasks.infra import Ref, claimed, home, short_hash
 from tasks.progress import note
 from tasks.runtime import ensure_ray
 from tasks.sample import sample
@@ -46,26 +46,27 @@ def generate_couplings(cfg: RunConfig, model: Ref, source: Ref | None, round_: i
     seed = coupling_seed(cfg.seed, round_)
     folder = home() / "data" / "couplings" / (
         f"{cfg.name}-{short_hash(SCHEME, model.hash, setting.label, r.pairs, seed, r.shard_size)}")
-    digest = tracked_hash(folder) or pulled_hash(folder)
-    if digest is not None:
-        note(f"couplings {cfg.name} round {round_}: reused the coupling set {folder.name}")
-        return Ref("couplings", str(folder), digest, model.hash)
-    protocol = cfg.sample.model_copy(update={"n_samples": r.pairs, "sets": 1, "shard_size": r.shard_size,
-                                             "num_workers": r.num_workers, "trajectories": 0})
-    maker = cfg.model_copy(update={"name": f"{cfg.name}-couplings-{round_}", "seed": seed, "sample": protocol})
-    made = sample.fn(maker, model, source, [setting], keep_start=True)[setting.label]
-    with np.load(made.path, allow_pickle=False) as f:
-        x0, x1, nfe = f["x0"], f["x"], f["nfe"]
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    np.save(partial / "x0.npy", x0, allow_pickle=False)
-    np.save(partial / "x1.npy", x1, allow_pickle=False)
-    manifest = {"model": model.uri, "model_hash": model.hash, "solver": setting.label, "nfe": float(nfe.mean()),
-                "seed": seed, "round": round_, "pairs": int(len(x0)), "shard_size": r.shard_size}
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    made.path.unlink()  # the pairs live on in the coupling set
-    return Ref("couplings", str(folder), publish(partial, folder), model.hash)
+    with claimed(str(folder)):
+        digest = tracked_hash(folder) or pulled_hash(folder)
+        if digest is not None:
+            note(f"couplings {cfg.name} round {round_}: reused the coupling set {folder.name}")
+            return Ref("couplings", str(folder), digest, model.hash)
+        protocol = cfg.sample.model_copy(update={"n_samples": r.pairs, "sets": 1, "shard_size": r.shard_size,
+                                                 "num_workers": r.num_workers, "trajectories": 0})
+        maker = cfg.model_copy(update={"name": f"{cfg.name}-couplings-{round_}", "seed": seed, "sample": protocol})
+        made = sample.fn(maker, model, source, [setting], keep_start=True)[setting.label]
+        with np.load(made.path, allow_pickle=False) as f:
+            x0, x1, nfe = f["x0"], f["x"], f["nfe"]
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        np.save(partial / "x0.npy", x0, allow_pickle=False)
+        np.save(partial / "x1.npy", x1, allow_pickle=False)
+        manifest = {"model": model.uri, "model_hash": model.hash, "solver": setting.label, "nfe": float(nfe.mean()),
+                    "seed": seed, "round": round_, "pairs": int(len(x0)), "shard_size": r.shard_size}
+        (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        made.path.unlink()  # the pairs live on in the coupling set
+        return Ref("couplings", str(folder), publish(partial, folder), model.hash)
 
 
 def coupling_manifest(pairs: Ref) -> dict:

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from models.data import DatasetError, DatasetSpec, load_dataset, load_splits, save_splits, source_files
 from tasks.config import DataConfig
-from tasks.infra import Ref, file_digest, home, short_hash, store
+from tasks.infra import Ref, claimed, file_digest, home, short_hash, store
 
 _DVC_LOCK = threading.Lock()
 logging.getLogger("dvc").setLevel(logging.WARNING)  # its git hints are noise here
@@ -137,15 +137,16 @@ def version_dataset(data: DataConfig, seed: int) -> Ref:
     if spec.download and any(not f.is_file() for f in source_files(spec)):
         splits = load_dataset(spec)  # fetches the files its version is named by
     folder = dataset_folder(spec)
-    digest = tracked_hash(folder) or pulled_hash(folder)
-    if digest is None:
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        save_splits(splits or load_dataset(spec), partial)
-        digest = publish(partial, folder)
-    else:
-        with _DVC_LOCK:
-            dvc_repo().push(targets=[str(folder.with_name(folder.name + ".dvc"))])
+    with claimed(str(folder)):
+        digest = tracked_hash(folder) or pulled_hash(folder)
+        if digest is None:
+            partial = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            save_splits(splits or load_dataset(spec), partial)
+            digest = publish(partial, folder)
+        else:
+            with _DVC_LOCK:
+                dvc_repo().push(targets=[str(folder.with_name(folder.name + ".dvc"))])
     return Ref("dataset", str(folder), digest, spec_hash(spec))
 
 

@@ -14,6 +14,8 @@ computed (`ScoreStore`), so a rerun after a crash scores only what is missing.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from models.metrics import point_scores, reference_set, scoring_blocks, summariz
 from models.samplers import parse_label
 from tasks.config import RunConfig
 from tasks.data import publish, read_dataset, pulled_hash, tracked_hash
-from tasks.infra import NonFiniteError, Ref, file_digest, home, require_finite, short_hash, store
+from tasks.infra import NonFiniteError, Ref, claimed, file_digest, home, require_finite, short_hash, store
 from tasks.progress import note
 
 
@@ -51,13 +53,14 @@ def feature_extractor(cfg: RunConfig, data: Ref) -> Ref | None:
         path = home() / cfg.evaluate.inception_weights
         return Ref("inception-weights", str(path), file_digest(path))
     target = feature_path(cfg, data.hash)
-    digest = tracked_hash(target) or pulled_hash(target)
-    if digest is None:
-        model, info = train_feature_extractor(splits, seed=cfg.seed, epochs=cfg.evaluate.feature_epochs)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        save_classifier(model, partial, meta={**info, "data_hash": data.hash})
-        digest = publish(partial, target)
+    with claimed(str(target)):
+        digest = tracked_hash(target) or pulled_hash(target)
+        if digest is None:
+            model, info = train_feature_extractor(splits, seed=cfg.seed, epochs=cfg.evaluate.feature_epochs)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            save_classifier(model, partial, meta={**info, "data_hash": data.hash})
+            digest = publish(partial, target)
     return Ref("feature-extractor", str(target), digest, data.hash)
 
 
@@ -143,7 +146,8 @@ class ScoreStore:
 
     def put(self, key: str, scores: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self.folder / f"{key}.json.partial"
+        # its own name per thread: two cells side by side may score the same block (a floor)
+        partial = self.folder / f"{key}.json.{os.getpid()}-{threading.get_ident()}.partial"
         try:
             partial.write_text(json.dumps(scores))
         except BaseException:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +36,21 @@ QUIET_ENV = {
     "TQDM_DISABLE": "1",
     "PYTHONWARNINGS": "ignore",
 }
+
+
+_CLAIMS: dict[str, threading.Lock] = {}
+_CLAIMS_GUARD = threading.Lock()
+
+
+@contextmanager
+def claimed(key: str):
+    """Hold `key` (a folder being made: a dataset version, a model, a coupling set) against the
+    other threads of this process while the body checks for it and makes it: two table cells
+    running side by side that need the same thing make it once, and the second finds it made."""
+    with _CLAIMS_GUARD:
+        lock = _CLAIMS.setdefault(key, threading.Lock())
+    with lock:
+        yield
 
 
 class RunError(RuntimeError):

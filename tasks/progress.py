@@ -65,12 +65,32 @@ def note(message: str) -> None:
     Console(highlight=False, soft_wrap=True).print(message)
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        transient=False,
-    )
+_SHARED: dict = {"bar": None, "users": 0}
+_SHARED_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def progress_bar():
+    """The process's one live progress display, shown while anyone uses it: two table cells
+    running side by side add their bars to it (rich allows one live display at a time)."""
+    with _SHARED_GUARD:
+        if _SHARED["bar"] is None:
+            _SHARED["bar"] = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                transient=False,
+            )
+            _SHARED["bar"].start()
+        _SHARED["users"] += 1
+        bar = _SHARED["bar"]
+    try:
+        yield bar
+    finally:
+        with _SHARED_GUARD:
+            _SHARED["users"] -= 1
+            if not _SHARED["users"]:
+                bar.stop()
+                _SHARED["bar"] = None
 
 
 @contextlib.contextmanager

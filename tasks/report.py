@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import textwrap
+import threading
 from pathlib import Path
 
 import matplotlib
@@ -218,6 +220,19 @@ def metrics_table(metrics: dict[str, float], path: Path) -> Path:
     return path
 
 
+# pyplot's figures are one state per process: two table cells side by side draw one at a time
+PLOTTING = threading.RLock()
+
+
+def one_plot_at_a_time(draw):
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with PLOTTING:
+            return draw(*args, **kwargs)
+    return drawn
+
+
+@one_plot_at_a_time
 def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np.ndarray,
                  metrics: dict[str, float], model: Ref, density: tuple[str, str] | None = None) -> list[Path]:
     """Every picture and table of a run; returns the files written. With `density` (a density
@@ -241,6 +256,7 @@ def write_report(folder: Path, kind: str, samples: dict[str, Ref], reference: np
     return [f for f in files if f]
 
 
+@one_plot_at_a_time
 def stages_report(stage_metrics: dict[str, dict[str, float]], kind: str, folder: Path,
                   seconds: dict[str, dict[str, float]] | None = None) -> list[Path]:
     """A multi-stage graph side by side: `stages.md` (one row per stage: the wall time of its work,

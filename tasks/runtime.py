@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,12 +22,30 @@ T = TypeVar("T")
 TRAIN_POLL_S = "0.2"
 
 
+_INIT_LOCK = threading.Lock()  # two table cells side by side start one Ray
+
+
 def ensure_ray() -> None:
     """Start (or connect to) Ray once; later calls are free."""
     import ray
 
-    if ray.is_initialized():
-        return
+    with _INIT_LOCK:
+        if not ray.is_initialized():
+            _start_ray(ray)
+
+
+def ray_cpus() -> int:
+    """The CPUs of the Ray that work runs on: the cluster's (`RAY_ADDRESS`), else this machine's
+    (what the local Ray is started with)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return os.cpu_count() or 1
+    import ray
+
+    ensure_ray()
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def _start_ray(ray) -> None:
     # read by Ray Train's controller actor: given to every worker process of this job
     jobs = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
                                                                              TRAIN_POLL_S)}}

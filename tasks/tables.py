@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import statistics
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tasks.config import RunConfig  # noqa: E402
 from tasks.config_loading import CONFIGS  # noqa: E402
 from tasks.data import version_dataset  # noqa: E402
 from tasks.infra import RunError, home, store  # noqa: E402
+from tasks.runtime import ray_cpus  # noqa: E402
 from tasks.table_config import Cell, TableConfig  # noqa: E402
 
 FORMATS = ("md", "csv", "tex", "png")
@@ -65,23 +67,24 @@ def used_things(summary: dict) -> set[str]:
 
 @dataclass
 class Hits:
-    """What a table run reused and what it made (the cache's hits and misses)."""
+    """What a table run reused and what it made (the cache's hits and misses): a model or coupling
+    set a cell used is made when the workspace did not hold it as the table began (`before`), else
+    reused; counted as cells finish, from any thread."""
 
+    before: set[str] = field(default_factory=made_things)
     cells_reused: int = 0
     cells_run: int = 0
     reused: set[str] = field(default_factory=set)  # models/... and couplings/... taken from the cache
     made: set[str] = field(default_factory=set)
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def count(self, summary: dict, before: set[str], reused_whole: bool) -> None:
+    def count(self, summary: dict, reused_whole: bool) -> None:
         used = used_things(summary)
-        if reused_whole:
-            self.cells_reused += 1
-            self.reused |= used
-            return
-        self.cells_run += 1
-        new = made_things() - before
-        self.made |= used & new
-        self.reused |= used - new
+        with self._guard:
+            self.cells_reused += reused_whole
+            self.cells_run += not reused_whole
+            self.made |= used - self.before
+            self.reused |= used & self.before
 
     def as_dict(self) -> dict:
         def kinds(things: set[str]) -> dict[str, int]:
@@ -89,6 +92,17 @@ class Hits:
 
         return {"cells_reused": self.cells_reused, "cells_run": self.cells_run,
                 "reused": kinds(self.reused), "made": kinds(self.made)}
+
+
+def side_by_side(cells: list[Cell]) -> int:
+    """How many of the cells to run at once: as many as the CPUs of this Ray hold, when every
+    cell's training says what it takes (`train.threads` per worker, on CPU workers); one at a time
+    otherwise (a worker with no `train.threads` uses the whole machine). Cells side by side that
+    need the same dataset version, model or coupling set make it once (`tasks.infra.claimed`)."""
+    if len(cells) < 2 or any(c.cfg.train.threads is None or c.cfg.train.use_gpu for c in cells):
+        return 1
+    need = max(c.cfg.train.num_workers * c.cfg.train.threads for c in cells)
+    return max(1, min(len(cells), ray_cpus() // need))
 
 
 def read_metric(summary: dict, key: str) -> float | None:

@@ -29,7 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig
-from tasks.infra import NonFiniteError, Ref, RunError, first_line, folder_digest, short_hash, store
+from tasks.infra import NonFiniteError, Ref, RunError, claimed, first_line, folder_digest, short_hash, store
 from tasks.progress import ProgressBoard, note, track_progress
 from tasks.runtime import ensure_ray
 from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
@@ -81,55 +81,56 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
               if objective or options else None)
     name = run_name(cfg, data, source, inputs, pairs, chosen)
     folder = store() / "models" / name
-    if (folder / STATE_FILE).exists():
-        note(f"train {cfg.name}: reused the finished model {name}")
-    else:
-        ensure_ray()
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig, TrainingFailedError
-        from ray.train.torch import TorchConfig, TorchTrainer
+    with claimed(str(folder)):
+        if (folder / STATE_FILE).exists():
+            note(f"train {cfg.name}: reused the finished model {name}")
+        else:
+            ensure_ray()
+            from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig, TrainingFailedError
+            from ray.train.torch import TorchConfig, TorchTrainer
 
-        board = ProgressBoard.create(name)
-        max_failures = getattr(cfg.train, "max_failures", MAX_FAILURES)
-        loop_config = {
-            "run": cfg.model_dump(mode="json"),
-            "data": data.uri,
-            "source": source.uri if source else None,
-            "inputs": {key: ref.uri for key, ref in (inputs or {}).items()},
-            "pairs": pairs.uri if pairs else None,
-            "objective": objective,
-            "options": options or {},
-            "family": family,
-            "progress": board.name,
-        }
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=loop_config,
-            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
-            run_config=RayRunConfig(
-                name=name,
-                storage_path=str(store() / "ray"),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=max_failures),
-            ),
-        )
-        with track_progress(board.actor, f"train {cfg.name}", cfg.train.steps):
-            began = time.perf_counter()
-            try:
-                result = trainer.fit()
-            except TrainingFailedError as e:
-                raise RunError(f"train {cfg.name}: {_first_failure(e)} (after {max_failures} restarts)") from e
-            halted = ray.get(board.actor.halted.remote())
-        checkpoint = result.checkpoint
-        with checkpoint.as_directory() if checkpoint else nullcontext() as d:
-            step = json.loads((Path(d) / STATE_FILE).read_text())["step"] if d else 0
-            last = f"step {step} ({checkpoint.path})" if checkpoint else "none (no checkpoint was written yet)"
-            if halted:
-                raise NonFiniteError(f"train {cfg.name}: {halted}; training stopped; last good checkpoint: {last}")
-            if step != cfg.train.steps:
-                raise RunError(f"train {cfg.name}: the workers stopped at step {step} of {cfg.train.steps}; "
-                               f"last good checkpoint: {last}")
-            finalize(Path(d), folder, round(time.perf_counter() - began, 1))
+            board = ProgressBoard.create(name)
+            max_failures = getattr(cfg.train, "max_failures", MAX_FAILURES)
+            loop_config = {
+                "run": cfg.model_dump(mode="json"),
+                "data": data.uri,
+                "source": source.uri if source else None,
+                "inputs": {key: ref.uri for key, ref in (inputs or {}).items()},
+                "pairs": pairs.uri if pairs else None,
+                "objective": objective,
+                "options": options or {},
+                "family": family,
+                "progress": board.name,
+            }
+            trainer = TorchTrainer(
+                train_worker,
+                train_loop_config=loop_config,
+                torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+                run_config=RayRunConfig(
+                    name=name,
+                    storage_path=str(store() / "ray"),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    failure_config=FailureConfig(max_failures=max_failures),
+                ),
+            )
+            with track_progress(board.actor, f"train {cfg.name}", cfg.train.steps):
+                began = time.perf_counter()
+                try:
+                    result = trainer.fit()
+                except TrainingFailedError as e:
+                    raise RunError(f"train {cfg.name}: {_first_failure(e)} (after {max_failures} restarts)") from e
+                halted = ray.get(board.actor.halted.remote())
+            checkpoint = result.checkpoint
+            with checkpoint.as_directory() if checkpoint else nullcontext() as d:
+                step = json.loads((Path(d) / STATE_FILE).read_text())["step"] if d else 0
+                last = f"step {step} ({checkpoint.path})" if checkpoint else "none (no checkpoint was written yet)"
+                if halted:
+                    raise NonFiniteError(f"train {cfg.name}: {halted}; training stopped; last good checkpoint: {last}")
+                if step != cfg.train.steps:
+                    raise RunError(f"train {cfg.name}: the workers stopped at step {step} of {cfg.train.steps}; "
+                                   f"last good checkpoint: {last}")
+                finalize(Path(d), folder, round(time.perf_counter() - began, 1))
     return Ref("model", str(folder), folder_digest(folder), cfg.digest())
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,7 @@ def test_a_table_runs_through_the_graphs_and_writes_every_format(smoke: tuple[Pa
     assert {"config_hash", "data_hash", "mlflow_run_id", "model_hash", "samples", "feature_extractor", "seed"} <= set(cell)
     assert manifest["cache"]["made"]["models"] == 2 * (1 + 3)  # fm; rf's 1-RF, 2-RF, distilled, per seed
     assert manifest["cache"]["made"]["couplings"] == 2 * 2
+    assert manifest["side_by_side"] == min(4, os.cpu_count() or 1)  # one thread a cell: as many as the cores
     rows = list(csv.DictReader((folder / "table.csv").open()))
     fm = next(r for r in rows if r["row"] == "flow matching" and r["column"] == "1 step")
     assert int(fm["seeds"]) == 2 and fm["paper"] == "1.5" and len(fm["values"].split()) == 2
@@ -236,3 +238,37 @@ def test_a_row_may_read_each_column_from_its_own_run() -> None:
         TableConfig.model_validate(base | {"rows": [{"label": "m", "runs": {"a": "r1"}, "metric": "w2@euler,nfe=1"}]})
     with pytest.raises(ValueError, match="run 'r3' is not one of runs"):
         TableConfig.model_validate(base | {"rows": [{"label": "m", "run": "r1", "runs": {"a": "r3"}, "metric": "w"}]})
+
+
+def test_cells_run_side_by_side_only_when_each_says_its_threads() -> None:
+    """A worker with no `train.threads` takes the whole machine: then cells run one at a time."""
+    from tasks.tables import side_by_side
+
+    cells = plan(load_table(str(SMOKE)), "tiny")
+    assert side_by_side(cells) == min(len(cells), os.cpu_count() or 1)
+    assert side_by_side(plan(load_table("ddim-steps"), "cpu") * 2) == 1
+
+
+def test_a_claim_lets_one_thread_make_a_thing_the_other_finds() -> None:
+    import threading
+    import time
+
+    from tasks.infra import claimed
+
+    made, inside, crowd = [], [], []
+
+    def make() -> None:
+        with claimed("the-thing"):
+            inside.append(1)
+            crowd.append(len(inside))  # how many were inside the claim at once
+            if not made:
+                time.sleep(0.05)
+                made.append("it")
+            inside.pop()
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == ["it"] and max(crowd) == 1
