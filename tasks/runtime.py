@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import atexit
 import os
-import threading
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
