@@ -48,6 +48,7 @@ class Started:
     staging: Path  # where the run's files go until it has succeeded (`run_outputs`)
     mlflow: GraphRun  # the graph's MLflow run, open from its first step
     inputs: Inputs
+    seconds: dict[str, float]  # wall time of each part so far ({"data": ...}); the body adds its own
 
 
 @contextmanager
@@ -55,17 +56,18 @@ def started(cfg: RunConfig, out: Path):
     """A graph from its first step: its staging folder, its MLflow run (open until the body ends),
     and its data versioned and logged as the run's inputs."""
     with run_outputs(out) as staging, graph_run(cfg, lineage(cfg, None)) as run:
-        inputs = prepare_data(cfg)
+        inputs, seconds = timed(prepare_data, cfg)
         run.log_datasets({"train": inputs.data, "source": inputs.source})
-        yield Started(staging, run, inputs)
+        yield Started(staging, run, inputs, {"data": seconds})
 
 
-def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs,
+def sample_and_evaluate(cfg: RunConfig, model: Ref, inputs: Inputs, seconds: dict[str, float],
                         baseline: bool = True) -> tuple[dict[str, Ref], dict[str, float]]:
     """Every setting of the config's sampler grid (and the untrained baseline), scored against
-    held-out data and the floor."""
-    samples = sample(cfg, model, inputs.source, sampling_grid(cfg.sample.samplers, baseline))
-    return samples, evaluate(cfg, samples, inputs.data, inputs.features, model, inputs.source)
+    held-out data and the floor; the wall time of each into `seconds` ("sample", "evaluate")."""
+    samples, seconds["sample"] = timed(sample, cfg, model, inputs.source, sampling_grid(cfg.sample.samplers, baseline))
+    metrics, seconds["evaluate"] = timed(evaluate, cfg, samples, inputs.data, inputs.features, model, inputs.source)
+    return samples, metrics
 
 
 def report(cfg: RunConfig, folder: Path, model: Ref, inputs: Inputs, samples: dict[str, Ref], metrics: dict):
@@ -87,12 +89,13 @@ def train_and_evaluate(cfg: RunConfig, out: Path) -> dict:
     with started(cfg, out) as graph:
         inputs = graph.inputs
         levels = read_dataset(inputs.data).levels  # a likelihood objective dequantizes by them
-        model, seconds = timed(train, cfg, inputs.data, inputs.source, options=cfg.objective_options(levels))
-        samples, metrics = sample_and_evaluate(cfg, model, inputs)
-        kind, files = report(cfg, graph.staging / "report", model, inputs, samples, metrics)
-        registered = register(cfg, kind, model, inputs.data, metrics, files, lineage(cfg, inputs.data),
-                              run=graph.mlflow.run_id, source=inputs.source)
-        seconds = {"train": seconds, "model_train": train_seconds(model)}  # this run's step; the model's own fit
+        seconds = graph.seconds
+        model, seconds["train"] = timed(train, cfg, inputs.data, inputs.source, options=cfg.objective_options(levels))
+        seconds["model_train"] = train_seconds(model)  # the model's own fit (this run's "train" is ~0 if reused)
+        samples, metrics = sample_and_evaluate(cfg, model, inputs, seconds)
+        (kind, files), seconds["report"] = timed(report, cfg, graph.staging / "report", model, inputs, samples, metrics)
+        registered, seconds["register"] = timed(register, cfg, kind, model, inputs.data, metrics, files,
+                                                lineage(cfg, inputs.data), run=graph.mlflow.run_id, source=inputs.source)
         return write_summary(graph.staging, out, cfg, inputs.data, model, metrics, registered, seconds=seconds)
 
 
@@ -100,7 +103,7 @@ def resample(cfg: RunConfig, out: Path, model: Ref, version: dict) -> dict:
     """A registered model (no training) -> sample (another grid) -> evaluate -> report -> a new
     MLflow run linked to the model version `version` ({name, version, run_id})."""
     with started(cfg, out) as graph:
-        samples, metrics = sample_and_evaluate(cfg, model, graph.inputs)
+        samples, metrics = sample_and_evaluate(cfg, model, graph.inputs, graph.seconds)
         _, files = report(cfg, graph.staging / "report", model, graph.inputs, samples, metrics)
         logged = log_evaluation(cfg, model, metrics, files, lineage(cfg, graph.inputs.data), version, run=graph.mlflow.run_id)
-        return write_summary(graph.staging, out, cfg, graph.inputs.data, model, metrics, logged)
+        return write_summary(graph.staging, out, cfg, graph.inputs.data, model, metrics, logged, seconds=graph.seconds)

@@ -35,7 +35,7 @@ class Stage:
     model: Ref
     tags: dict[str, str] = field(default_factory=dict)  # lineage beyond the graph's
     registered: dict | None = None  # a model taken from the registry: evaluated, not registered again
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time of its work (train, couplings; ~0 if reused)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part (couplings, train: ~0 if reused; sample, ...)
 
 
 class StageRunner:
@@ -49,18 +49,20 @@ class StageRunner:
 
     def finish(self, stage: Stage, extra: dict[str, float] | None = None) -> dict:
         """Sample, evaluate (plus `extra` metrics), report and register `stage`."""
-        samples, metrics = sample_and_evaluate(stage.cfg, stage.model, self.inputs, baseline=not self.done)
+        spent = stage.seconds
+        samples, metrics = sample_and_evaluate(stage.cfg, stage.model, self.inputs, spent, baseline=not self.done)
         metrics |= extra or {}
-        kind, files = report(stage.cfg, self.staging / "report" / stage.cfg.name, stage.model, self.inputs,
-                             samples, metrics)
+        (kind, files), spent["report"] = timed(report, stage.cfg, self.staging / "report" / stage.cfg.name,
+                                               stage.model, self.inputs, samples, metrics)
         tags = lineage(stage.cfg, self.inputs.data) | stage.tags | {"gendag.stage": stage.label}
         if self.done:
             tags["gendag.parent_stage_model"] = f"{self.done[-1]['name']}/{self.done[-1]['version']}"
         if stage.registered:
-            registered = log_evaluation(stage.cfg, stage.model, metrics, files, tags, stage.registered, parent=self.parent)
+            registered, spent["register"] = timed(log_evaluation, stage.cfg, stage.model, metrics, files, tags,
+                                                  stage.registered, parent=self.parent)
         else:
-            registered = register(stage.cfg, kind, stage.model, self.inputs.data, metrics, files, tags,
-                                  parent=self.parent, source=self.inputs.source)
+            registered, spent["register"] = timed(register, stage.cfg, kind, stage.model, self.inputs.data, metrics,
+                                                  files, tags, parent=self.parent, source=self.inputs.source)
         self.kind, self.last = kind, (stage, metrics, registered)
         self.metrics[stage.label], self.seconds[stage.label] = metrics, stage.seconds
         self.done.append({"stage": stage.label, "name": registered["name"], "version": registered["version"],
@@ -69,8 +71,9 @@ class StageRunner:
                           "metrics": {k: metrics[k] for k in sorted(metrics, key=reading_order)}})
         return registered
 
-    def close(self, graph: GraphRun, out: Path) -> dict:
-        """Every stage side by side (table, plot) on the graph's run; the summary of the last stage."""
+    def close(self, graph: GraphRun, out: Path, seconds: dict[str, float]) -> dict:
+        """Every stage side by side (table, plot) on the graph's run; the summary of the last stage
+        (`seconds`: the graph's own parts, e.g. versioning the data; each stage lists its own)."""
         files = stages_report(self.metrics, self.kind, self.staging / "report", self.seconds)
         results = {f"{label}/{name}": value for label, metrics in self.metrics.items() for name, value in metrics.items()}
         results |= {f"{label}/seconds_{what}": value for label, spent in self.seconds.items() for what, value in spent.items()}
@@ -78,7 +81,7 @@ class StageRunner:
         stages = ", ".join(f"{s['stage']} ({s['name']} v{s['version']})" for s in self.done)
         graph.log_results(results, files, describe(self.cfg, f"stages {stages}", registered))
         return write_summary(self.staging, out, last.cfg, self.inputs.data, last.model, metrics, registered, self.done,
-                             graph_cfg=self.cfg, graph_run=graph.run_id)
+                             seconds=seconds, graph_cfg=self.cfg, graph_run=graph.run_id)
 
 
 def staged(body):
@@ -87,7 +90,7 @@ def staged(body):
         with started(cfg, out) as begun:
             runner = StageRunner(cfg, begun.staging, begun.inputs, begun.mlflow.run_id)
             body(cfg, begun.inputs, runner)
-            return runner.close(begun.mlflow, out)
+            return runner.close(begun.mlflow, out, begun.seconds)
     graph.__doc__ = body.__doc__
     return graph
 

@@ -71,8 +71,9 @@ def write_summary(staging: Path, out: Path, cfg: RunConfig, data: Ref, model: Re
                   graph_cfg: RunConfig | None = None, graph_run: str | None = None) -> dict:
     """`summary.json` and `config.json` of a run, into its staging folder (see `run_outputs`). A
     multi-stage graph's summary describes its last stage's model, and lists every stage;
-    `seconds`: the wall time of a single-stage run's work (`train`: ~0 when the model was reused;
-    `model_train`: what the model's own fit took, whenever it was trained; None if not recorded);
+    `seconds`: the wall time of each part of the run (`data`, `train`: ~0 when the model was reused,
+    `model_train`: what the model's own fit took, whenever it was trained, `sample`, `evaluate`,
+    `report`, `register`; a multi-stage graph's stages list their own);
     `graph_cfg`, `graph_run`: the whole graph's config and MLflow run (a multi-stage graph's:
     its stages' runs are nested in it)."""
     summary = {

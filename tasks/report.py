@@ -263,7 +263,7 @@ def stages_report(stage_metrics: dict[str, dict[str, float]], kind: str, folder:
     straightness and the primary metric at every sampler setting, NFE in increasing order) and
     `stages.png` (quality against NFE, one curve per stage and sampler, with the real-data floor)."""
     seconds = seconds or {}
-    spent = sorted({what for times in seconds.values() for what in times}, reverse=True)  # train, couplings
+    spent = sorted({what for times in seconds.values() for what in times}, key=_in_graph_order)
     name = PRIMARY[kind]
     folder.mkdir(parents=True, exist_ok=True)
     merged: dict[str, float] = {}
@@ -291,6 +291,14 @@ def stages_report(stage_metrics: dict[str, dict[str, float]], kind: str, folder:
     table = folder / "stages.md"
     table.write_text("\n".join(lines) + "\n")
     return [table, quality_vs_nfe(merged, kind, folder / "stages.png")]
+
+
+RUN_PARTS = ("data", "couplings", "train", "model_train", "sample", "evaluate", "report", "register")
+
+
+def _in_graph_order(part: str) -> tuple[int, str]:
+    """Wall-time columns in the order a graph runs its parts (unknown parts last, by name)."""
+    return (RUN_PARTS.index(part) if part in RUN_PARTS else len(RUN_PARTS), part)
 
 
 def _cell(value: float | None, sd: float | None = None) -> str:

@@ -36,6 +36,9 @@ def test_summary_has_metrics_and_lineage(moons: dict) -> None:
     assert metrics["w2_floor"] < metrics[f"w2@{DOPRI}"]
     # the model's fit took time and its folder keeps it (a later run that reuses it reads it back)
     assert 0 < moons["seconds"]["model_train"] <= moons["seconds"]["train"]
+    # and every part of the run has its wall time
+    assert {"data", "train", "sample", "evaluate", "report", "register"} <= set(moons["seconds"])
+    assert moons["seconds"]["sample"] > 0 and moons["seconds"]["evaluate"] > 0
 
 
 def test_registry_entry_and_lineage_tags(moons: dict, workspace: Path) -> None:

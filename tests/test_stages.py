@@ -58,6 +58,9 @@ def test_reflow_straightens_and_beats_1rf_at_one_step(rf: dict, workspace: Path)
     assert metrics["2-RF + distill"][ONE_STEP] < metrics["1-RF"][ONE_STEP]
     table = (workspace / "runs" / "rf" / "report" / "stages.md").read_text()
     assert table.index("1-RF") < table.index("2-RF |") < table.index("distill")
+    # each stage's wall time per part, the columns in the order the graph runs them
+    assert table.index("couplings s") < table.index("train s") < table.index("sample s") < table.index("evaluate s")
+    assert all({"train", "sample", "evaluate", "register"} <= set(s["seconds"]) for s in rf["stages"])
     assert first["model_hash"] != second["model_hash"]
 
 
