@@ -126,6 +126,9 @@ def train_worker(config: dict) -> None:
         if checkpoint_due:
             state["step"] = step
             _report(step, state, model, ema, optimizer, spec, rank, objective.modules())
+    if checkpoint and start == cfg.train.steps:  # the last checkpoint was written, the model not yet
+        # kept (e.g. killed in between): report it again so that the kept state records the resume
+        _report(start, state, model, ema, optimizer, spec, rank, objective.modules())
 
 
 def _placement(rank: int, world: int) -> list[dict[str, str]]:

@@ -5,6 +5,8 @@ preflight checks of `gendag run`) stands in front of the guarantee under test.""
 
 from __future__ import annotations
 
+import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -79,6 +81,25 @@ def test_a_nan_loss_stops_training_at_once_naming_the_step_and_last_checkpoint(w
     assert f"the training loss is nan at step {step + 1} (rank " in message
     assert "training stopped; last good checkpoint: step 100 (" in message
     assert not (store() / "models" / run_name(cfg, ref, None)).exists()
+
+
+def test_a_run_killed_after_its_last_checkpoint_keeps_that_checkpoint(workspace: Path, tmp_path: Path) -> None:
+    """The kill lands after the last checkpoint is written but before the model is kept (the
+    kept folder is moved away to stand for it): the next run resumes at the last step, trains
+    nothing, keeps the same weights and records the resume."""
+    from safetensors.torch import load_file
+
+    cfg = config("name=fm-last-checkpoint", "train.steps=200", "train.checkpoint_every=100")
+    ref = dataset(workspace / "last-checkpoint-data", np.random.default_rng(4).standard_normal((2000, 2)).astype(np.float32))
+    first = Path(train.fn(cfg, ref).uri)
+    assert json.loads((first / "state.json").read_text())["resumed_from"] == []
+    kept = tmp_path / "kept"
+    shutil.move(first, kept)
+    again = Path(train.fn(cfg, ref).uri)
+    assert json.loads((again / "state.json").read_text())["resumed_from"] == [200]
+    for weights in ("model.safetensors", "raw.safetensors"):
+        mine, theirs = load_file(str(again / weights)), load_file(str(kept / weights))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_nan_samples_stop_sampling_and_leave_no_sample_file(workspace: Path) -> None:

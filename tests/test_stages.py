@@ -179,7 +179,9 @@ def test_consistency_distillation_and_training_sample_in_one_step(workspace: Pat
 @pytest.mark.slow
 def test_a_distillation_round_killed_midway_finishes_as_an_uninterrupted_one(pd: dict, workspace: Path) -> None:
     """Kill the graph during the first student's training (after its first checkpoint), run it again:
-    the round resumes from its checkpoint and every stage ends bit-identical to the uninterrupted graph."""
+    the round resumes from its checkpoint and every stage ends bit-identical to the uninterrupted graph.
+    (The round is ~1 s of training: the killed run's workers can reach its last checkpoint before
+    Ray stops them, and the rerun then resumes there.)"""
     from graph_runs import kill_group, start_gendag, wait_for
     from safetensors.torch import load_file
 
