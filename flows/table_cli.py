@@ -81,6 +81,7 @@ def _dry_run(spec, scale: str, seeds: int, cells, folder: Path) -> None:
     from tasks.config import ConfigError
     from tasks.preflight import PreflightError, check_data
     from tasks.table_cost import GPU_FLOPS, cpu_rate, estimate
+    from tasks.tables import side_by_side
 
     console.print(f"[bold]table {spec.name}[/] at scale {scale}, {seeds} seed{'s' * (seeds > 1)}: {spec.title}")
     console.print(f"  {spec.notes.get(scale, '')}".rstrip())
@@ -101,13 +102,16 @@ def _dry_run(spec, scale: str, seeds: int, cells, folder: Path) -> None:
         workers = {(t.num_workers or 1, t.use_gpu) for _, t in cost.stages}
         where = " / ".join(f"{n} {'GPU' if gpu else 'CPU'} worker{'s' * (n > 1)}" for n, gpu in sorted(workers))
         console.print(f"  [bold]{cell.folder_name}[/]  {cell.graph} -c {cell.config.stem} {escape(' '.join(cell.overrides))}")
-        console.print(f"      train {train} on {where} · sample {cell.cfg.sample.n_samples} x {cell.cfg.sample.sets} "
-                      f"set(s), {cost.sampled_evals:.3g} network evals · {cost.flops_per_item / 1e6:.3g} MFLOP/item "
-                      f"· est. {_duration(cost.seconds)} · {data}")
+        pairing = f" · {cost.plan_seconds * 1e3:.0f} ms a coupling plan" if cost.plan_seconds else ""
+        console.print(f"      train {train} on {where}{pairing} · sample {cell.cfg.sample.n_samples} x "
+                      f"{cell.cfg.sample.sets} set(s), {cost.sampled_evals:.3g} network evals · "
+                      f"{cost.flops_per_item / 1e6:.3g} MFLOP/item · est. {_duration(cost.seconds)} · {data}")
     how = (f"this machine's {cpu_rate() / 1e9:.0f} GFLOP/s, measured now" if measured
            else f"an assumed {GPU_FLOPS / 1e12:g} TFLOP/s per GPU")
-    console.print(f"estimated cost: {_duration(total)} in all (one run at a time, at {how}); cells read: "
-                  f"{len(spec.cells())} values")
+    lanes = side_by_side(cells)
+    at_once = f"{lanes} cells side by side" if lanes > 1 else "one cell at a time"
+    console.print(f"estimated cost: {_duration(total / lanes)} in all ({_duration(total)} of runs, {at_once}, at {how}); "
+                  f"cells read: {len(spec.cells())} values")
 
 
 def _duration(seconds: float) -> str:

@@ -4,7 +4,9 @@ Per cell: its training stages (steps x batch on how many workers), what it sampl
 NFE over its sampler grid, with the untrained baseline), the network's forward FLOPs per item
 (counted by `torch.utils.flop_counter` on one item of the data's shape), and a time estimate:
 FLOPs over a rate, plus the fixed start-up of a graph run (Prefect, Ray, Ray Train: about a
-minute per graph here, BENCHMARKS.md (b)). At `cpu` scale the rate is this machine's, measured
+minute per graph here, BENCHMARKS.md (b)), plus, for a minibatch-OT coupling, one OT plan per
+training step, timed now on one random batch of the rank's size (exact OT and Sinkhorn cost
+what the network does not: 14 and 95 ms a plan at 512 points here against ~5 ms a step). At `cpu` scale the rate is this machine's, measured
 by a one-thread matrix product (its best of several, so that other work running does not
 inflate it) times the cores and a calibrated efficiency; at `paper` scale a sustained GPU rate
 is assumed (`GPU_FLOPS`, stated in the output). An estimate to plan with: it ignores data
@@ -43,6 +45,7 @@ SHAPES = {"digits": (1, 8, 8), "breast_cancer": (30,), **TORCHVISION_SHAPES}  # 
 @dataclass(frozen=True)
 class Cost:
     stages: list[tuple[str, TrainConfig]]
+    plan_seconds: float  # pairing one batch by the config's coupling (0: a coupling that costs nothing)
     trained_items: int  # training examples seen over every stage
     sampled_evals: int  # network evaluations of item size over every sampler setting and set
     flops_per_item: float
@@ -107,10 +110,43 @@ def estimate(cfg: RunConfig, scale: str) -> Cost:
     trained = sum(t.steps * t.batch_size for _, t in stages)
     sampled = sampled_evals(cfg)
     work = flops * (trained * BACKWARD * _evals_per_training_item(cfg) + sampled)
+    plan = plan_seconds(cfg, shape)
+    # every stage not trained on a coupling set pairs its batches (on the CPU at either scale:
+    # POT); a rectified flow's reflow and distillation stages train on its coupling sets
+    unpaired = stages[:1] if cfg.graph == "rectified-flow" else stages
+    plans = plan * sum(t.steps for _, t in unpaired)
     if scale == "paper":
-        return Cost(stages, trained, sampled, flops, FIXED_S + work / GPU_FLOPS, measured=False)
+        return Cost(stages, plan, trained, sampled, flops, FIXED_S + plans + work / GPU_FLOPS, measured=False)
     overhead = sum(t.steps for _, t in stages) * STEP_OVERHEAD_S
-    return Cost(stages, trained, sampled, flops, FIXED_S + overhead + work / cpu_rate(), measured=True)
+    return Cost(stages, plan, trained, sampled, flops, FIXED_S + overhead + plans + work / cpu_rate(), measured=True)
+
+
+def plan_seconds(cfg: RunConfig, shape: tuple[int, ...]) -> float:
+    """What pairing one of a rank's batches costs under the config's coupling (each rank pairs
+    its own), timed now; 0 for a coupling that costs nothing (`costly` unset)."""
+    from models.couplings import COUPLINGS
+
+    coupling = getattr(cfg, "coupling", None)
+    if coupling is None or not COUPLINGS[coupling.kind].costly:
+        return 0.0
+    batch = max(1, cfg.train.batch_size // max(1, cfg.train.num_workers))
+    return _time_pairing(coupling.kind, json.dumps(coupling.kwargs, sort_keys=True), batch, math.prod(shape))
+
+
+@lru_cache(maxsize=None)
+def _time_pairing(kind: str, kwargs: str, batch: int, dims: int) -> float:
+    """The best of three pairings of two random batches (standard normal against a shifted one)."""
+    from models.couplings import make_coupling
+
+    coupling = make_coupling(kind, **json.loads(kwargs))
+    generator = torch.Generator().manual_seed(0)
+    x0, x1 = (torch.randn(batch, dims, generator=generator) + shift for shift in (0.0, 1.0))
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        coupling(x0, x1, generator)
+        best = min(best, time.perf_counter() - began)
+    return best
 
 
 @lru_cache(maxsize=None)

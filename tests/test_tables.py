@@ -51,6 +51,24 @@ def test_a_cpu_dry_run_times_the_networks_here_and_trains_nothing(tmp_path: Path
     assert not any(tmp_path.iterdir())
 
 
+def test_a_dry_run_counts_the_coupling_plans_and_the_cells_side_by_side() -> None:
+    """An OT-CFM cell costs one timed OT plan per training step more than its I-CFM twin, and the
+    cfm-2d total is its runs' time over the cells that run at once."""
+    from tasks.config_loading import load_config
+    from tasks.table_cost import estimate
+    from tasks.tables import side_by_side
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "flow-matching" / "cfm-2d" / "gaussian-to-moons.yaml"
+    ot, independent = (estimate(load_config(config, scale="cpu", overrides=list(o)), "cpu")
+                       for o in ((), ("coupling.kind=independent", "coupling.kwargs={}")))
+    assert ot.plan_seconds > 0 and independent.plan_seconds == 0
+    steps = ot.stages[0][1].steps
+    assert ot.seconds - independent.seconds == pytest.approx(steps * ot.plan_seconds)
+    out = gendag_output("table", "cfm-2d", "--dry-run", "--seeds", "1")
+    lanes = side_by_side(plan(load_table("cfm-2d"), "cpu", 1))
+    assert "ms a coupling plan" in out and (f"{lanes} cells side by side" in out if lanes > 1 else "one cell at a time" in out)
+
+
 def test_list_names_every_table() -> None:
     out = gendag_output("table", "--list")
     assert all(name in out for name in ("ddim-steps", "cfm-2d", "normalizing-flows"))
