@@ -68,12 +68,31 @@ def _start_ray(ray) -> None:
 
 
 def _remove_ray_tmp(tmp: str) -> None:
-    """Stop Ray and wait for its processes (they write under `tmp` until they are gone), then
-    remove the folder we created. A process killed outright (SIGKILL) cannot do this."""
+    """Stop Ray and wait for its processes (they write under `tmp` until they are gone), end
+    any that outlived it, then remove the folder we created. A process killed outright (SIGKILL)
+    cannot do this."""
     import ray
 
     ray.shutdown(wait_for_processes=True)
+    end_leftovers(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def end_leftovers(tmp: str) -> list[int]:
+    """Kill every other process still writing under `tmp` (our local Ray's folder); returns their
+    pids. A Ray worker can outlive its raylet: a Ray Train controller (~800 MB) was seen asleep
+    for good, its parent gone, after the run that started it had ended and stopped its Ray."""
+    import psutil
+
+    inside, ended = os.path.join(tmp, ""), []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and any(f.path.startswith(inside) for f in process.open_files()):
+                process.kill()
+                ended.append(process.pid)
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            continue
+    return ended
 
 
 # Loggers of the embedded Prefect server that report its own shutdown: Prefect stops the server

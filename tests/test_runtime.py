@@ -92,3 +92,26 @@ print(ray._private.worker._global_node.get_temp_dir_path())
     assert done.returncode == 0, done.stderr[-2000:]
     temp = Path(done.stdout.strip().splitlines()[-1])
     assert temp.is_relative_to("/tmp") and not temp.exists()
+
+
+def test_processes_left_writing_in_rays_folder_are_ended(tmp_path) -> None:
+    """What outlives our Ray (a process with a file open under its folder) is killed; a process
+    writing elsewhere is left alone."""
+    from tasks.runtime import end_leftovers
+
+    ray_folder, elsewhere = tmp_path / "ray", tmp_path / "rayother"
+    hold = "import sys, time; f = open(sys.argv[1], 'w'); print('open', flush=True); time.sleep(120)"
+    children = []
+    for folder in (ray_folder, elsewhere):
+        folder.mkdir()
+        child = subprocess.Popen([sys.executable, "-c", hold, str(folder / "log")], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "open"
+        children.append(child)
+    try:
+        assert end_leftovers(str(ray_folder)) == [children[0].pid]
+        assert children[0].wait(timeout=10) != 0
+        assert children[1].poll() is None
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
