@@ -205,13 +205,14 @@ def loss_curve(model: Ref, path: Path) -> Path | None:
 
 
 def reading_order(key: str) -> tuple:
-    """Sort metric names as a person reads them: by metric, sampler, then NFE as a number
-    (nfe=1, 2, 4, 16, not 1, 16, 2)."""
+    """Sort metric names as a person reads them: by metric, the fixed-step samplers before the
+    adaptive ones (whose NFE the solver picks: the full ODE), then sampler, then NFE as a number
+    (euler nfe=1, 2, 4, 16, then dopri5; not dopri5, then 1, 16, 2)."""
     metric, _, label = key.partition("@")
     method, params = parse_label(label) if label else ("", {})
     untrained = params.pop("untrained", None) is not None
     nfe = float(params.pop("nfe", "inf"))
-    return metric, untrained, method, sorted(params.items()), nfe
+    return metric, untrained, nfe == float("inf") and bool(label), method, sorted(params.items()), nfe
 
 
 def metrics_table(metrics: dict[str, float], path: Path) -> Path:

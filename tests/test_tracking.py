@@ -29,6 +29,18 @@ def test_a_sampler_setting_is_a_point_of_its_nfe_curve() -> None:
         assert curve_point(none) is None
 
 
+def test_metrics_are_listed_as_a_person_reads_them() -> None:
+    """By metric; fixed-step samplers by NFE as a number, then the adaptive solver (the full ODE),
+    then the untrained baselines."""
+    from tasks.report import reading_order
+
+    keys = ["w2@euler,nfe=16", "w2@dopri5,atol=0.0001,rtol=0.0001", "w2@euler,nfe=2", "w2@euler,nfe=1,untrained",
+            "straightness", "w2@euler,nfe=1", "fid@euler,nfe=4"]
+    assert sorted(keys, key=reading_order) == [
+        "fid@euler,nfe=4", "straightness", "w2@euler,nfe=1", "w2@euler,nfe=2", "w2@euler,nfe=16",
+        "w2@dopri5,atol=0.0001,rtol=0.0001", "w2@euler,nfe=1,untrained"]
+
+
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh workspace and MLflow SQLite store of this test's own."""
