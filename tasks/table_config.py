@@ -39,6 +39,8 @@ class PaperSource(Strict):
 class Column(Strict):
     name: str
     key: str = ""  # what `{key}` becomes in a row's metric template
+    # the plot's panel: columns of one quantity share an axis (default: the metric its cells read)
+    panel: str = ""
 
 
 class TableRun(Strict):

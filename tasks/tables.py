@@ -30,7 +30,7 @@ from tasks.config_loading import CONFIGS  # noqa: E402
 from tasks.data import version_dataset  # noqa: E402
 from tasks.infra import RunError, home, store  # noqa: E402
 from tasks.runtime import ray_cpus  # noqa: E402
-from tasks.table_config import Cell, TableConfig  # noqa: E402
+from tasks.table_config import Cell, Column, TableConfig  # noqa: E402
 
 FORMATS = ("md", "csv", "tex", "png")
 
@@ -227,31 +227,86 @@ def latex(table: TableConfig, values: list[Value]) -> str:
 
 
 def plot(table: TableConfig, values: list[Value], path: Path) -> Path:
-    """One line per row across the columns (gendag solid with its spread, the paper dashed)."""
-    columns = [c.name for c in table.columns]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(columns) + 2), 4))
+    """One panel per quantity (`panels`), the rows side by side in each: gendag's mean with its
+    spread over the seeds (filled markers), the paper's number (crosses). A panel whose columns
+    all have numeric keys (steps S = 10 ... 1000) is an axis: its points are joined, at their
+    numbers; other columns are categories and their points stand alone."""
+    groups = panels(table, values)
+    width = [max(1.6, 0.9 * len(columns)) for columns in groups.values()]
+    fig, axes = plt.subplots(1, len(groups), figsize=(sum(width) + 2.5, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": width})
+    for ax, (name, columns) in zip(axes[0], groups.items()):
+        _plot_panel(ax, table, values, columns)
+        if len(columns) == 1:  # a quantity of its own: the column names it
+            ax.set_xticks([])
+            name = columns[0].name
+        ax.set_title(name, fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    order = sorted(range(len(labels)), key=lambda i: labels[i].endswith("(paper)"))  # gendag's rows first
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    fig.suptitle(table.title, fontsize=10)
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def panels(table: TableConfig, values: list[Value]) -> dict[str, list[Column]]:
+    """The table's columns by the quantity they show, in column order: a column's `panel`, else
+    the metric its first cell reads (`w2@euler,nfe=100` and `2-RF/w2@...` are both `w2`)."""
+    first = {}
+    for v in values:
+        first.setdefault(v.column, v.metric)
+    groups: dict[str, list[Column]] = {}
+    for column in table.columns:
+        metric = first.get(column.name)
+        if metric is None and not column.panel:
+            continue  # an empty column
+        name = column.panel or metric.split("@", 1)[0].rpartition("/")[2]
+        groups.setdefault(name, []).append(column)
+    return groups or {"": list(table.columns)}
+
+
+def _plot_panel(ax, table: TableConfig, values: list[Value], columns: list[Column]) -> None:
+    names = [c.name for c in columns]
+    try:
+        at = [float(c.key) for c in columns]
+        joined = True
+    except ValueError:
+        at, joined = list(range(len(columns))), False
+    width = 0.8 / max(1, len(table.rows))
+    colours = plt.get_cmap("tab10" if len(table.rows) <= 10 else "tab20")
     every = []
     for i, row in enumerate(table.rows):
-        mine = [(columns.index(v.column), v.mean, v.std or 0.0) for v in values if v.row == row.label]
+        shift = 0.0 if joined else (i - (len(table.rows) - 1) / 2) * width
+        mine = [(at[names.index(v.column)] + shift, v.mean, v.std or 0.0) for v in values
+                if v.row == row.label and v.column in names]
+        style = {"color": colours(i % colours.N), "ls": "-" if joined else "none"}
         if mine:
             x, y, s = zip(*mine)
-            ax.errorbar(x, y, yerr=s, marker="o", color=f"C{i % 10}", label=row.label, capsize=3)
+            ax.errorbar(x, y, yerr=s, marker="o", capsize=3, label=row.label, **style)
             every += y
-        paper = [(columns.index(c), v) for c, v in row.paper.items() if v is not None]
+        paper = sorted((at[names.index(c)] + shift, v) for c, v in row.paper.items() if v is not None and c in names)
         if paper:
-            x, y = zip(*sorted(paper))
-            ax.plot(x, y, ls="--", marker="x", color=f"C{i % 10}", alpha=0.7, label=f"{row.label} (paper)")
+            x, y = zip(*paper)
+            ax.plot(x, y, marker="x", alpha=0.7, label=f"{row.label} (paper)", **{**style, "ls": "--" if joined else "none"})
             every += y
     positive = [v for v in every if v > 0]
     if positive and len(positive) == len(every) and max(positive) / min(positive) > 30:
         ax.set_yscale("log")
-    ax.set_xticks(range(len(columns)), columns, rotation=30 if len(columns) > 5 else 0)
-    ax.set_title(table.title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    if joined and min(at) > 0 and max(at) / min(at) > 30:
+        ax.set_xscale("log")
+    ax.set_xticks(at, names, rotation=25, ha="right", fontsize=8)
+    ax.minorticks_off()
+    if not joined:
+        ax.set_xlim(-0.6, len(columns) - 0.4)
+
 
 
 def write_table(table: TableConfig, values: list[Value], manifest: dict, folder: Path) -> list[Path]:

@@ -290,3 +290,21 @@ def test_a_claim_lets_one_thread_make_a_thing_the_other_finds() -> None:
     for t in threads:
         t.join()
     assert made == ["it"] and max(crowd) == 1
+
+
+def test_the_plot_gives_each_quantity_its_own_panel(tmp_path: Path) -> None:
+    """cfm-2d: W2 and the path energy on two axes (four tasks each), never joined across tasks;
+    model-families: every column a quantity of its own."""
+    from tasks.tables import panels, plot
+
+    def values(table: TableConfig) -> list[Value]:
+        return [Value(row.label, column.name, key, run, (0.1 + i, 0.2 + i), None)
+                for i, (row, column, run, key) in enumerate(table.cells())]
+
+    cfm = load_table("cfm-2d")
+    groups = panels(cfm, values(cfm))
+    assert [len(columns) for columns in groups.values()] == [4, 4]
+    assert all(c.name.endswith(" W2") for c in groups["W2 (Euler 100 vs held-out points)"])
+    families = load_table("model-families")
+    assert all(len(columns) == 1 for columns in panels(families, values(families)).values())
+    assert plot(cfm, values(cfm), tmp_path / "cfm.png").stat().st_size > 10_000
