@@ -20,10 +20,12 @@ from pathlib import Path
 
 from flows.graphs import GRAPHS
 from flows.summary import run_outputs
+from tasks.progress import note
 from tasks.register import PARENT_RUN, git_commit, tracked_run
 from tasks.table_config import Cell, TableConfig
 from tasks.tables import (Hits, cell_values, finished_cell, log_table, manifest, markdown, side_by_side, write_index,
                           write_table)
+from tasks.train import stop_training
 
 EXPERIMENT = "gendag-tables"
 
@@ -85,9 +87,17 @@ def run_cells(job: TableJob, hits: Hits, lanes: int) -> dict[str, dict]:
 
     if lanes == 1:
         return {cell.folder_name: one(cell) for cell in job.cells}
-    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="cell")
+    pool, running = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="cell"), {}
     try:
         running = {cell.folder_name: pool.submit(contextvars.copy_context().run, one, cell) for cell in job.cells}
         return {name: future.result() for name, future in running.items()}
+    except KeyboardInterrupt:  # Ctrl-C: the running cells' fits stop too (Ray Train's own handler
+        # is only installed for a fit in the main thread)
+        pool.shutdown(wait=False, cancel_futures=True)
+        begun = sum(future.running() for future in running.values())
+        note(f"table {job.name}: interrupted; stopping the {begun} running cell(s). Finished cells and "
+             "checkpoints are kept: the same command resumes.")
+        stop_training()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

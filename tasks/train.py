@@ -12,14 +12,20 @@ Guarantees:
   to an uninterrupted run;
 - only a model that trained all its steps is kept: a non-finite loss (or weights) stops
   training at once with a `NonFiniteError` naming the step and the last good checkpoint,
-  and a failure that outlasts the retries is a one-line `RunError`.
+  and a failure that outlasts the retries is a one-line `RunError`;
+- `stop_training()` (Ctrl-C on cells running side by side) stops every fit of this process
+  at its next step with a checkpoint there, and refuses new fits: a `RunError` each, and the
+  same command resumes them.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import shutil
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -37,6 +43,27 @@ from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
 # Restarts of the worker group after a worker failure (each resumes from the latest checkpoint).
 # A `train.max_failures` config key will set it per run once the schema has one.
 MAX_FAILURES = 3
+# This process's request to its fits to stop (`stop_training`): a file every worker checks each
+# step, under the run storage so that workers on other nodes see it too.
+_STOP_FILE: list[Path] = []
+
+
+def stop_file() -> Path:
+    if not _STOP_FILE:
+        _STOP_FILE.append(store() / "ray" / "stops" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        atexit.register(_STOP_FILE[0].unlink, missing_ok=True)
+    return _STOP_FILE[0]
+
+
+def stop_training() -> None:
+    """Stop every fit of this process at its next step (each keeps a checkpoint there) and start
+    no new one."""
+    stop_file().parent.mkdir(parents=True, exist_ok=True)
+    stop_file().touch()
+
+
+def stopping() -> bool:
+    return bool(_STOP_FILE) and _STOP_FILE[0].exists()
 
 
 def run_name(cfg: RunConfig, data: Ref, source: Ref | None, inputs: dict[str, Ref] | None = None,
@@ -85,6 +112,8 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
         if (folder / STATE_FILE).exists():
             note(f"train {cfg.name}: reused the finished model {name}")
         else:
+            if stopping():
+                raise RunError(f"train {cfg.name}: interrupted before it began")
             ensure_ray()
             from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig, TrainingFailedError
             from ray.train.torch import TorchConfig, TorchTrainer
@@ -101,6 +130,7 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
                 "options": options or {},
                 "family": family,
                 "progress": board.name,
+                "stop_file": str(stop_file()),
             }
             trainer = TorchTrainer(
                 train_worker,
@@ -127,6 +157,9 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
                 last = f"step {step} ({checkpoint.path})" if checkpoint else "none (no checkpoint was written yet)"
                 if halted:
                     raise NonFiniteError(f"train {cfg.name}: {halted}; training stopped; last good checkpoint: {last}")
+                if step != cfg.train.steps and stopping():
+                    raise RunError(f"train {cfg.name}: interrupted at step {step} of {cfg.train.steps}; "
+                                   f"checkpoint kept: {last} (the same command resumes)")
                 if step != cfg.train.steps:
                     raise RunError(f"train {cfg.name}: the workers stopped at step {step} of {cfg.train.steps}; "
                                    f"last good checkpoint: {last}")

@@ -11,6 +11,11 @@ every rank). Either stops every rank at the same step, without a checkpoint: the
 the reason on the progress board and returns (raising would make Ray Train retry a
 deterministic failure), and the driver (`tasks/train.py`) reports it with the last good
 checkpoint.
+
+The driver can ask a fit to stop (Ctrl-C on a table whose cells run side by side in threads,
+where Ray Train's own SIGINT handler is not installed): a file (`stop_file`) that every rank
+checks each step, agreeing through the same all-reduce. They write a checkpoint at that step
+and return; the next run resumes there, bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -112,7 +117,12 @@ def train_worker(config: dict) -> None:
         running.append(optimizer_step(loss, model, optimizer, ema, lr, cfg.train.grad_clip))
         objective.after_step()
         checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
-        stop, reason = _non_finite(running[-1], step, rank, world, model if checkpoint_due else None)
+        stop, reason = _should_stop(running[-1], step, rank, world, model, checkpoint_due, config.get("stop_file"))
+        if stop == "interrupted":  # finite: keep this step's checkpoint, the rerun resumes from it
+            state["step"] = step
+            state["losses"].append([step, float(np.mean(running))])
+            _report(step, state, model, ema, optimizer, spec, rank, objective.modules())
+            return
         if stop:
             if reason and board:
                 ray.get(board.halt.remote(reason), timeout=30)
@@ -144,20 +154,23 @@ def _placement(rank: int, world: int) -> list[dict[str, str]]:
     return everyone
 
 
-def _non_finite(loss: float, step: int, rank: int, world: int, model: torch.nn.Module | None) -> tuple[bool, str]:
-    """(stop, why): the same `stop` on every rank. Training stops when any rank's loss is not
-    finite (one all-reduce of a flag), or, when `model` is given (a checkpoint is due), when its
-    weights are not (they are equal on every rank). `why` is empty on a rank that only learnt it
-    from another one."""
+def _should_stop(loss: float, step: int, rank: int, world: int, model: torch.nn.Module, checkpoint_due: bool,
+                 stop_file: str | None) -> tuple[str, str]:
+    """(stop, why), `stop` the same on every rank: "" (go on), "non-finite" or "interrupted".
+    Training stops when any rank's loss is not finite (one all-reduce of the flags), or, before
+    a checkpoint (one is due, or the stop asks for one), when the weights are not (they are
+    equal on every rank); or, with finite numbers, when some rank sees `stop_file`. `why` is
+    empty on a rank that only learnt it from another one."""
     why = "" if np.isfinite(loss) else f"the training loss is {loss} at step {step} (rank {rank})"
-    bad = torch.tensor([float(bool(why))])
+    flags = torch.tensor([float(bool(why)), float(bool(stop_file) and os.path.exists(stop_file))])
     if world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item():
-        return True, why
-    if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
-        return True, f"the weights are not finite after step {step}" if rank == 0 else ""
-    return False, ""
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0].item():
+        return "non-finite", why
+    interrupted = bool(flags[1].item())
+    if (checkpoint_due or interrupted) and not all(torch.isfinite(p).all() for p in model.parameters()):
+        return "non-finite", f"the weights are not finite after step {step}" if rank == 0 else ""
+    return ("interrupted" if interrupted else ""), ""
 
 
 def _report(step, state, model, ema, optimizer, spec, rank, extra) -> None:

@@ -308,3 +308,46 @@ def test_the_plot_gives_each_quantity_its_own_panel(tmp_path: Path) -> None:
     families = load_table("model-families")
     assert all(len(columns) == 1 for columns in panels(families, values(families)).values())
     assert plot(cfm, values(cfm), tmp_path / "cfm.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_cells_side_by_side_and_the_same_command_resumes_them(workspace: Path, tmp_path: Path) -> None:
+    """SIGINT to a table whose two cells train side by side (in threads, where Ray Train's own
+    SIGINT handler is not installed): every running fit stops at its next step with a checkpoint
+    there, nothing is kept as finished, the command fails; the same command resumes each fit
+    where it stopped and ends with the weights of the same fits run without a stop."""
+    import signal
+
+    import torch
+    import yaml
+    from graph_runs import start_gendag, wait_for
+    from safetensors.torch import load_file
+
+    def table(name: str) -> list[str]:
+        raw = yaml.safe_load(SMOKE.read_text())
+        fm = ["train.steps=3000", "train.checkpoint_every=1000", "train.num_workers=1", "train.threads=1", f"name={name}"]
+        raw |= {"name": name, "runs": {"fm": {"graph": "flow-matching", "config": "flow-matching/gaussians-to-moons", "set": fm}},
+                "rows": raw["rows"][:1]}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+        return ["table", str(tmp_path / f"{name}.yaml"), "--scale", "tiny", "--out", str(tmp_path / "out")]
+
+    args = table("fm-stopped")
+    child = start_gendag(workspace, *args)
+    ray_runs, models = workspace / ".gendag" / "ray", workspace / ".gendag" / "models"
+    wait_for(lambda: list(ray_runs.glob("fm-stopped-*/checkpoint_manager_snapshot.json")), "a first checkpoint", child)
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=300) != 0
+    assert not list(models.glob("fm-stopped-*")), "a fit ran to its end after the stop"
+    stopped_at = {}
+    for snapshot in ray_runs.glob("fm-stopped-*/checkpoint_manager_snapshot.json"):
+        steps = [c["metrics"]["step"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+        stopped_at[snapshot.parent.name] = max(steps)
+    assert stopped_at and all(0 < step < 3000 for step in stopped_at.values()), stopped_at
+
+    gendag_output(*args)
+    gendag_output(*table("fm-uninterrupted"))
+    for name, step in stopped_at.items():
+        state = json.loads((models / name / "state.json").read_text())
+        assert state["resumed_from"] == [step] and state["step"] == 3000
+        mine, theirs = (load_file(str(models / n / "model.safetensors")) for n in (name, name.replace("stopped", "uninterrupted")))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
