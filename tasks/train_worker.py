@@ -108,6 +108,7 @@ def train_worker(config: dict) -> None:
         coupling=make_coupling(coupling.kind, **coupling.kwargs) if coupling and not config.get("pairs") else None,
     )
     board = ProgressBoard.find(config.get("progress"))
+    asked_to_stop = StopRequest(config.get("stop_file"))
     running, t_start, start = [], time.perf_counter(), state["step"]
     model.train()
     for batch in pairs.stream(state["step"], cfg.train.steps):
@@ -117,7 +118,7 @@ def train_worker(config: dict) -> None:
         running.append(optimizer_step(loss, model, optimizer, ema, lr, cfg.train.grad_clip))
         objective.after_step()
         checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
-        stop, reason = _should_stop(running[-1], step, rank, world, model, checkpoint_due, config.get("stop_file"))
+        stop, reason = _should_stop(running[-1], step, rank, world, model, checkpoint_due, asked_to_stop())
         if stop == "interrupted":  # finite: keep this step's checkpoint, the rerun resumes from it
             state["step"] = step
             state["losses"].append([step, float(np.mean(running))])
@@ -154,15 +155,30 @@ def _placement(rank: int, world: int) -> list[dict[str, str]]:
     return everyone
 
 
+class StopRequest:
+    """Whether the driver asked this fit to stop (its `stop_file` exists), looked up at most every
+    `every` seconds: on a cluster's shared storage one lookup can cost a millisecond, a step of a
+    small network a few."""
+
+    def __init__(self, path: str | None, every: float = 0.25):
+        self.path, self.every, self.last, self.seen = path, every, float("-inf"), False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.path and not self.seen and now - self.last >= self.every:
+            self.last, self.seen = now, os.path.exists(self.path)
+        return self.seen
+
+
 def _should_stop(loss: float, step: int, rank: int, world: int, model: torch.nn.Module, checkpoint_due: bool,
-                 stop_file: str | None) -> tuple[str, str]:
+                 asked: bool) -> tuple[str, str]:
     """(stop, why), `stop` the same on every rank: "" (go on), "non-finite" or "interrupted".
     Training stops when any rank's loss is not finite (one all-reduce of the flags), or, before
     a checkpoint (one is due, or the stop asks for one), when the weights are not (they are
-    equal on every rank); or, with finite numbers, when some rank sees `stop_file`. `why` is
+    equal on every rank); or, with finite numbers, when some rank was `asked` to stop. `why` is
     empty on a rank that only learnt it from another one."""
     why = "" if np.isfinite(loss) else f"the training loss is {loss} at step {step} (rank {rank})"
-    flags = torch.tensor([float(bool(why)), float(bool(stop_file) and os.path.exists(stop_file))])
+    flags = torch.tensor([float(bool(why)), float(asked)])
     if world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0].item():

@@ -115,3 +115,13 @@ def test_processes_left_writing_in_rays_folder_are_ended(tmp_path) -> None:
         for child in children:
             child.kill()
             child.wait()
+
+
+def test_a_stop_request_is_seen_once_its_file_exists(tmp_path) -> None:
+    from tasks.train_worker import StopRequest
+
+    path = tmp_path / "stop"
+    asked = StopRequest(str(path), every=0.0)
+    assert not asked() and not StopRequest(None)()
+    path.touch()
+    assert asked() and asked()
