@@ -43,8 +43,8 @@ from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
 # Restarts of the worker group after a worker failure (each resumes from the latest checkpoint).
 # A `train.max_failures` config key will set it per run once the schema has one.
 MAX_FAILURES = 3
-# This process's request to its fits to stop (`stop_training`): a file every worker checks each
-# step, under the run storage so that workers on other nodes see it too.
+# This process's request to its fits to stop (`stop_training`): a file every worker looks for
+# (`train_worker.StopRequest`), under the run storage so that workers on other nodes see it too.
 _STOP_FILE: list[Path] = []
 
 
