@@ -26,7 +26,7 @@ def _run_flows(make_flow, runs: list[tuple], *extra, show=None) -> None:
     and `show` its summary (default: `print_summary`)."""
     from models.data import DatasetError
     from tasks.config import ConfigError
-    from tasks.infra import RunError
+    from tasks.infra import Interrupted, RunError
 
     configure_environment()
     from tasks.runtime import start_services
@@ -36,6 +36,8 @@ def _run_flows(make_flow, runs: list[tuple], *extra, show=None) -> None:
     for cfg, folder in runs:
         try:
             summary = graph_flow(cfg, folder, *extra)
+        except Interrupted as e:
+            fail(str(e), code=130)
         except (ConfigError, DatasetError, FileNotFoundError, RunError) as e:
             fail(str(e).splitlines()[0] if str(e) else repr(e))
         (show or print_summary)(summary, folder)

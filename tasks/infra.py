@@ -58,6 +58,11 @@ class RunError(RuntimeError):
     store, a training worker that kept failing, non-finite numbers), phrased as one line."""
 
 
+class Interrupted(RunError):
+    """The person running gendag stopped it (Ctrl-C); what it had finished, and the last
+    checkpoint of what it had not, are kept for the same command to resume."""
+
+
 class NonFiniteError(RunError):
     """A NaN or an infinity where a number must be finite: a training loss, a sample, a score.
     Such a number is an error, never a result."""

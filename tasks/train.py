@@ -21,11 +21,13 @@ Guarantees:
 from __future__ import annotations
 
 import atexit
+import contextvars
 import json
 import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig
-from tasks.infra import NonFiniteError, Ref, RunError, claimed, first_line, folder_digest, short_hash, store
+from tasks.infra import Interrupted, NonFiniteError, Ref, RunError, claimed, first_line, folder_digest, short_hash, store
 from tasks.progress import ProgressBoard, note, track_progress
 from tasks.runtime import ensure_ray
 from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
@@ -113,7 +115,7 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
             note(f"train {cfg.name}: reused the finished model {name}")
         else:
             if stopping():
-                raise RunError(f"train {cfg.name}: interrupted before it began")
+                raise Interrupted(f"train {cfg.name}: interrupted before it began")
             ensure_ray()
             from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig, TrainingFailedError
             from ray.train.torch import TorchConfig, TorchTrainer
@@ -147,7 +149,7 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
             with track_progress(board.actor, f"train {cfg.name}", cfg.train.steps):
                 began = time.perf_counter()
                 try:
-                    result = trainer.fit()
+                    result = _fit(trainer)
                 except TrainingFailedError as e:
                     raise RunError(f"train {cfg.name}: {_first_failure(e)} (after {max_failures} restarts)") from e
                 halted = ray.get(board.actor.halted.remote())
@@ -158,13 +160,28 @@ def train(cfg: RunConfig, data: Ref, source: Ref | None = None, inputs: dict[str
                 if halted:
                     raise NonFiniteError(f"train {cfg.name}: {halted}; training stopped; last good checkpoint: {last}")
                 if step != cfg.train.steps and stopping():
-                    raise RunError(f"train {cfg.name}: interrupted at step {step} of {cfg.train.steps}; "
-                                   f"checkpoint kept: {last} (the same command resumes)")
+                    raise Interrupted(f"train {cfg.name}: interrupted at step {step} of {cfg.train.steps}; "
+                                      f"checkpoint kept: {last} (the same command resumes)")
                 if step != cfg.train.steps:
                     raise RunError(f"train {cfg.name}: the workers stopped at step {step} of {cfg.train.steps}; "
                                    f"last good checkpoint: {last}")
                 finalize(Path(d), folder, round(time.perf_counter() - began, 1))
     return Ref("model", str(folder), folder_digest(folder), cfg.digest())
+
+
+def _fit(trainer):
+    """`trainer.fit()` in a helper thread, so that Ctrl-C reaches this one: it asks the workers to
+    stop at their next step (`stop_training`: each keeps a checkpoint there) and waits for them.
+    A fit in the main thread would get Ray Train's own SIGINT handler instead, which aborts the
+    workers where they are and exits the process."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fit") as pool:
+        fit = pool.submit(contextvars.copy_context().run, trainer.fit)
+        try:
+            return fit.result()
+        except KeyboardInterrupt:
+            note("interrupted: the training stops at its next step and keeps a checkpoint there")
+            stop_training()
+            return fit.result()
 
 
 def train_seconds(model: Ref) -> float | None:

@@ -46,12 +46,12 @@ def gendag_error(*args: str) -> str:
     return lines[0]
 
 
-def start_gendag(workspace: Path, *args: str) -> subprocess.Popen:
+def start_gendag(workspace: Path, *args: str, output=subprocess.DEVNULL) -> subprocess.Popen:
     """`gendag` as a separate process with its own Prefect server and Ray, in a session of its
-    own so that `kill_group` takes down everything it started."""
+    own so that `kill_group` takes down everything it started; what it prints goes to `output`."""
     env = {**os.environ, "PREFECT_HOME": str(workspace / "prefect-child")}
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=workspace,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_group(child: subprocess.Popen) -> None:

@@ -101,6 +101,33 @@ def test_killed_training_resumes_and_same_seed_gives_same_numbers(moons: dict, w
     assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_training_at_its_next_step_and_the_rerun_resumes_there(moons: dict, workspace: Path) -> None:
+    """SIGINT after the first checkpoint: the fit stops at its next step with a checkpoint there
+    (not Ray Train's abort, which loses the steps since the last checkpoint), the command exits
+    with 130 and one line saying so; the rerun resumes at that step and ends bit-identical to the
+    uninterrupted run."""
+    import signal
+
+    args = [*MOONS, "--set", "name=fm-ctrl-c", "--out", str(workspace / "runs" / "ctrl-c")]
+    log = workspace / "ctrl-c.log"
+    with log.open("w") as out:
+        child = start_gendag(workspace, *args, output=out)
+        ray_runs = workspace / ".gendag" / "ray"
+        wait_for(lambda: list(ray_runs.glob("fm-ctrl-c-*/checkpoint_manager_snapshot.json")), "its first checkpoint", child)
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=300) == 130
+    assert "error: train fm-ctrl-c: interrupted at step " in log.read_text()
+    snapshot = next(ray_runs.glob("fm-ctrl-c-*/checkpoint_manager_snapshot.json"))
+    stopped = max(c["metrics"]["step"] for c in json.loads(snapshot.read_text())["checkpoint_results"])
+    assert not list((workspace / ".gendag" / "models").glob("fm-ctrl-c-*")), "training finished before the stop"
+
+    resumed = gendag(*args)
+    state = json.loads(next((workspace / ".gendag" / "models").glob("fm-ctrl-c-*/state.json")).read_text())
+    assert state["resumed_from"] == [stopped]
+    assert resumed["metrics"] == moons["metrics"]
+
+
 def test_two_configs_in_one_process(moons: dict, workspace: Path) -> None:
     """The main job's form: several configs, one Prefect server and one Ray, one folder each.
     Moons reuses its finished model and samples and scores the same numbers again."""
