@@ -13,15 +13,16 @@ Guarantees:
 - only a model that trained all its steps is kept: a non-finite loss (or weights) stops
   training at once with a `NonFiniteError` naming the step and the last good checkpoint,
   and a failure that outlasts the retries is a one-line `RunError`;
-- `stop_training()` (Ctrl-C on cells running side by side) stops every fit of this process
-  at its next step with a checkpoint there, and refuses new fits: a `RunError` each, and the
-  same command resumes them.
+- `stop_training()` (Ctrl-C, on a run or on a table's cells side by side) stops every fit of
+  this process at its next step with a checkpoint there and refuses new ones: an `Interrupted`
+  error each, and the same command resumes them.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextvars
+import functools
 import json
 import os
 import shutil
@@ -45,16 +46,13 @@ from tasks.train_worker import EMA_FILE, STATE_FILE, train_worker
 # Restarts of the worker group after a worker failure (each resumes from the latest checkpoint).
 # A `train.max_failures` config key will set it per run once the schema has one.
 MAX_FAILURES = 3
-# This process's request to its fits to stop (`stop_training`): a file every worker looks for
-# (`train_worker.StopRequest`), under the run storage so that workers on other nodes see it too.
-_STOP_FILE: list[Path] = []
-
-
+@functools.cache
 def stop_file() -> Path:
-    if not _STOP_FILE:
-        _STOP_FILE.append(store() / "ray" / "stops" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        atexit.register(_STOP_FILE[0].unlink, missing_ok=True)
-    return _STOP_FILE[0]
+    """This process's request to its fits to stop (`stop_training`): a file every worker looks
+    for (`train_worker.StopRequest`), under the run storage so that workers on other nodes see it."""
+    path = store() / "ray" / "stops" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    atexit.register(path.unlink, missing_ok=True)
+    return path
 
 
 def stop_training() -> None:
@@ -65,7 +63,7 @@ def stop_training() -> None:
 
 
 def stopping() -> bool:
-    return bool(_STOP_FILE) and _STOP_FILE[0].exists()
+    return stop_file().exists()
 
 
 def run_name(cfg: RunConfig, data: Ref, source: Ref | None, inputs: dict[str, Ref] | None = None,

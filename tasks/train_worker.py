@@ -12,9 +12,8 @@ the reason on the progress board and returns (raising would make Ray Train retry
 deterministic failure), and the driver (`tasks/train.py`) reports it with the last good
 checkpoint.
 
-The driver can ask a fit to stop (Ctrl-C on a table whose cells run side by side in threads,
-where Ray Train's own SIGINT handler is not installed): a file (`stop_file`) that every rank
-checks each step, agreeing through the same all-reduce. They write a checkpoint at that step
+The driver can ask a fit to stop (Ctrl-C, `tasks.train.stop_training`): a file (`stop_file`)
+every rank looks for at most every 0.25 s, agreeing through the same all-reduce. They write a checkpoint at that step
 and return; the next run resumes there, bit-identical to an uninterrupted one.
 """
 
@@ -119,16 +118,13 @@ def train_worker(config: dict) -> None:
         objective.after_step()
         checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
         stop, reason = _should_stop(running[-1], step, rank, world, model, checkpoint_due, asked_to_stop())
-        if stop == "interrupted":  # finite: keep this step's checkpoint, the rerun resumes from it
-            state["step"] = step
-            state["losses"].append([step, float(np.mean(running))])
-            _report(step, state, model, ema, optimizer, spec, rank, objective.modules())
-            return
-        if stop:
+        if stop == "non-finite":
             if reason and board:
                 ray.get(board.halt.remote(reason), timeout=30)
             return
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        interrupted = stop == "interrupted"  # finite: log and checkpoint this step, the rerun resumes here
+        checkpoint_due |= interrupted
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or interrupted:
             state["losses"].append([step, float(np.mean(running))])
             running = []
             if rank == 0 and board:
@@ -137,6 +133,8 @@ def train_worker(config: dict) -> None:
         if checkpoint_due:
             state["step"] = step
             _report(step, state, model, ema, optimizer, spec, rank, objective.modules())
+        if interrupted:
+            return
     if checkpoint and start == cfg.train.steps:  # the last checkpoint was written, the model not yet
         # kept (e.g. killed in between): report it again so that the kept state records the resume
         _report(start, state, model, ema, optimizer, spec, rank, objective.modules())
