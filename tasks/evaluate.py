@@ -34,7 +34,7 @@ from tasks.progress import note
 
 
 FEATURES_VERSION = 2  # bump when the feature network or its scaling changes: stored extractors are keyed by it
-SCORES_VERSION = 2  # bump when what a score means changes: stored scores are keyed by it
+SCORES_VERSION = 3  # bump when what a score means changes: stored scores are keyed by it
 
 
 def feature_path(cfg: RunConfig, data_hash: str) -> Path:

@@ -18,7 +18,9 @@ from models.features import (
     ClassifierFeatureExtractor,
     SmallClassifier,
     classifier_meta,
+    KID_SUBSETS,
     fid_kid,
+    kid_subsets,
     load_classifier,
     register_extractor,
     save_classifier,
@@ -158,6 +160,19 @@ def test_reference_features_are_cached(
     assert fresh["fid"] != first["fid"]
     with pytest.raises(ValueError, match="kid_subset_size"):
         fid_kid(samples, digits.test, path, None, None, kid_subset_size=301)
+
+
+def test_kid_over_whole_sets_takes_one_subset_and_matches_the_hundred() -> None:
+    """Subsets as large as both sets are both sets reordered: 100 of them give the one value."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 16, generator=generator), 1.1 * torch.randn(300, 16, generator=generator) + 0.1
+    kid = {n: kid_features_to_metric(a, b, kid_subsets=n, kid_subset_size=300, verbose=False)
+           ["kernel_inception_distance_mean"] for n in (1, KID_SUBSETS)}
+    assert kid[1] > 0 and kid[KID_SUBSETS] == pytest.approx(kid[1], rel=1e-5)
+    assert kid_subsets(300, 300, 300) == 1
+    assert kid_subsets(300, 300, 500) == kid_subsets(200, 300, 300) == KID_SUBSETS
 
 
 def _random_inception_weights(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
