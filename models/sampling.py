@@ -2,13 +2,14 @@
 
 A sample set is cut into shards; shard i always starts from the same source draw
 (seeded by (seed, i)), so a sample set does not depend on how many workers made it
-or which worker ran which shard. Orchestration (Ray actors, files) lives in
+or which worker ran which shard. Orchestration (Ray tasks, files) lives in
 `tasks/sample.py`; this module is kept light so that workers start quickly.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,23 @@ class Sampler:
         energy = out.energy.numpy() if out.energy is not None else None
         return {"label": setting.label, "shard": shard, "x": out.x.cpu().numpy(), "nfe": out.nfe, "rounds": out.rounds,
                 "trajectory": traj, "x0": start, "energy": energy}
+
+
+@lru_cache(maxsize=1)
+def kept_sampler(model_dir: str, model_hash: str, untrained_seed: int, source_path: str | None,
+                 source_hash: str | None, device: str) -> Sampler:
+    """The last CPU `Sampler` this process built, for its next shard of the same model: a Ray
+    worker process outlives its tasks, so later shards (and later stages' sample sets of the same
+    model) skip loading it. Keyed by the model's and the source's content hashes, so a folder
+    holding other weights is loaded again."""
+    return Sampler(model_dir, untrained_seed, source_path, device=device)
+
+
+def sample_shard(sampler: tuple, setting: Setting, shard: int, n: int, seed: int, trajectory: int = 0,
+                 keep_start: bool = False, first: int | None = None, set_size: int | None = None) -> dict:
+    """One shard (`Sampler.run`) by the sampler `sampler` = (model folder, model hash, untrained
+    seed, source file, source hash, device) names: kept between calls on CPU (`kept_sampler`),
+    built for the call on an accelerator (a model kept in an idle worker would hold its memory)."""
+    model_dir, _, untrained_seed, source_path, _, device = sampler
+    worker = kept_sampler(*sampler) if device == "cpu" else Sampler(model_dir, untrained_seed, source_path, device=device)
+    return worker.run(setting, shard, n, seed, trajectory, keep_start, first, set_size)

@@ -5,7 +5,7 @@ the flow's ODE takes them, row for row) and `manifest.json` (its lineage: the mo
 solver setting, its NFE, the seed, the pair count), `dvc add`-ed and pushed like a dataset. Its
 name hashes exactly those inputs, so asking again for the same model and settings reuses it.
 
-The pairs are made by the sampling task's Ray actors (`tasks/sample.py`) in shards with per-shard
+The pairs are made by the sampling task's Ray tasks (`tasks/sample.py`) in shards with per-shard
 seeds, so a set is the same for any number of workers. The draws use a seed of their own per
 round, not the evaluation's, so no flow is scored from the draws it was trained on.
 """
