@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from flows.pipeline import Inputs, report, sample_and_evaluate, started, timed
 from flows.summary import lineage, write_summary
@@ -47,11 +48,12 @@ class StageRunner:
         self.metrics: dict[str, dict[str, float]] = {}
         self.seconds: dict[str, dict[str, float]] = {}
 
-    def finish(self, stage: Stage, extra: dict[str, float] | None = None) -> dict:
-        """Sample, evaluate (plus `extra` metrics), report and register `stage`."""
+    def finish(self, stage: Stage, extra: Callable[[], dict[str, float]] | None = None) -> dict:
+        """Sample, evaluate (plus the metrics `extra` returns once that is done), report and
+        register `stage`."""
         spent = stage.seconds
         samples, metrics = sample_and_evaluate(stage.cfg, stage.model, self.inputs, spent, baseline=not self.done)
-        metrics |= extra or {}
+        metrics |= extra() if extra else {}
         (kind, files), spent["report"] = timed(report, stage.cfg, self.staging / "report" / stage.cfg.name,
                                                stage.model, self.inputs, samples, metrics)
         tags = lineage(stage.cfg, self.inputs.data) | stage.tags | {"gendag.stage": stage.label}
@@ -99,8 +101,9 @@ def staged(body):
 def rectified_flow(cfg: RunConfig, inputs: Inputs, stages: StageRunner) -> None:
     """1-RF -> k-RF (reflow on couplings of the previous flow) -> one-step distillation; each
     stage sampled, evaluated and registered as soon as it is trained."""
-    def finish(stage: Stage) -> None:
-        stages.finish(stage, {"straightness": measure_straightness(stage.cfg, stage.model, inputs.source)})
+    def finish(stage: Stage) -> None:  # straightness (one CPU) runs beside the stage's sampling
+        straightness = measure_straightness.submit(stage.cfg, stage.model, inputs.source)
+        stages.finish(stage, lambda: {"straightness": straightness.result()})
 
     flow = cfg.stage("1rf")
     model, seconds = timed(train_stage, flow, inputs)
