@@ -10,8 +10,10 @@ every parameter that changes its output (`models.samplers.Setting`).
 from __future__ import annotations
 
 import shutil
+from contextlib import closing
 from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import ray
@@ -81,34 +83,38 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
                  f"{cfg.sample.n_samples}: starts are drawn with replacement (set source.n_test, or a larger "
                  "source.test_path, for distinct starts)")
     sampler = (model.uri, model.hash, cfg.seed, source_path, source.hash if source else None, cfg.sample.device)
-    remote = shard_task.options(num_gpus=1 if cfg.sample.device == "cuda" else 0)
-    traj, size = cfg.sample.trajectories, cfg.sample.shard_size
-
-    def submit(job):
-        setting, shard, n = job
-        return remote.remote(sampler, setting, shard, n, cfg.seed, traj if shard == 0 else 0, keep_start,
-                             shard * size, cfg.sample.n_samples)
-
-    kept, waiting = sum(len(f.finished) for f in todo.values()), iter(jobs)
-    running = [submit(job) for job in islice(waiting, cfg.sample.num_workers)]
-    try:
-        with progress_bar() as bar:
-            if kept:
-                note(f"sample {cfg.name}: {kept} shards kept from an interrupted run, {len(jobs)} to sample")
-            shown = bar.add_task(f"sample {cfg.name}", total=len(jobs) + kept, completed=kept,
-                                 info=f"{cfg.sample.num_workers} Ray workers")
-            while running:
-                done, running = ray.wait(running, num_returns=1)
-                res = ray.get(done[0])
+    size, traj = cfg.sample.shard_size, cfg.sample.trajectories
+    calls = [(setting, shard, n, cfg.seed, traj if shard == 0 else 0, keep_start, shard * size, cfg.sample.n_samples)
+             for setting, shard, n in jobs]
+    kept = sum(len(f.finished) for f in todo.values())
+    with progress_bar() as bar:
+        if kept:
+            note(f"sample {cfg.name}: {kept} shards kept from an interrupted run, {len(jobs)} to sample")
+        shown = bar.add_task(f"sample {cfg.name}", total=len(jobs) + kept, completed=kept,
+                             info=f"{cfg.sample.num_workers} Ray workers")
+        with closing(run_shards(sampler, calls, cfg.sample.num_workers, 1 if cfg.sample.device == "cuda" else 0)) as results:
+            for res in results:
                 bad = int(np.size(res["x"]) - np.isfinite(res["x"]).sum())
                 if bad:
                     raise NonFiniteError(f"sample {cfg.name}: {res['label']}, shard {res['shard']}: {bad} of "
                                          f"{np.size(res['x'])} values are not finite (model {model.uri})")
                 todo[res["label"]].save(res)
                 bar.advance(shown)
-                running += [submit(job) for job in islice(waiting, 1)]
+
+
+def run_shards(sampler: tuple, calls: list[tuple], workers: int, gpus: int = 0) -> Iterator[dict]:
+    """`Sampler.run(*call)` for each of `calls` by the sampler `sampler` names
+    (`models.sampling.sample_shard`), as Ray tasks, `workers` at a time; results as they finish.
+    Closing it early (a failure, Ctrl-C) cancels the shards still running."""
+    remote, waiting = shard_task.options(num_gpus=gpus), iter(calls)
+    running = [remote.remote(sampler, *call) for call in islice(waiting, workers)]
+    try:
+        while running:
+            done, running = ray.wait(running, num_returns=1)
+            running += [remote.remote(sampler, *call) for call in islice(waiting, 1)]
+            yield ray.get(done[0])
     finally:
-        for ref in running:  # a failure or Ctrl-C: the shards still running are not needed
+        for ref in running:
             ray.cancel(ref)
 
 
