@@ -34,7 +34,7 @@ import torch
 from models.checkpoint import ModelSpec, save_model
 from tasks.runtime import ensure_ray
 from models.samplers import Setting
-from models.sampling import shards
+from models.sampling import SamplerKey, shards
 from tasks.sample import run_shards
 
 TARGET = "speed-up (1 worker wall / 2 workers wall) >= 1.8x on 2 cores"
@@ -94,7 +94,7 @@ def run(model_dir: str, workers: int, n_samples: int) -> tuple[float, dict]:
     start = time.perf_counter()
     calls = [(s, i, n, SEED, 0) for s in GRID for i, n in shards(n_samples, SHARD)]
     results = {(res["label"], res["shard"]): (res["x"], res["nfe"])
-               for res in run_shards((model_dir, "benchmark", SEED, None, None, "cpu"), calls, workers)}
+               for res in run_shards(SamplerKey(model_dir, "benchmark", SEED, None, None), calls, workers)}
     return time.perf_counter() - start, results
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -106,21 +107,33 @@ class Sampler:
                 "trajectory": traj, "x0": start, "energy": energy}
 
 
+class SamplerKey(NamedTuple):
+    """What a sampling worker builds its `Sampler` from, with the content hashes that say when a
+    kept one is stale."""
+    model_dir: str
+    model_hash: str
+    untrained_seed: int
+    source_path: str | None
+    source_hash: str | None
+    device: str = "cpu"
+
+    def build(self) -> Sampler:
+        return Sampler(self.model_dir, self.untrained_seed, self.source_path, device=self.device)
+
+
 @lru_cache(maxsize=1)
-def kept_sampler(model_dir: str, model_hash: str, untrained_seed: int, source_path: str | None,
-                 source_hash: str | None, device: str) -> Sampler:
+def kept_sampler(key: SamplerKey) -> Sampler:
     """The last CPU `Sampler` this process built, for its next shard of the same model: a Ray
     worker process outlives its tasks, so later shards (and later stages' sample sets of the same
     model) skip loading it. Keyed by the model's and the source's content hashes, so a folder
     holding other weights is loaded again."""
-    return Sampler(model_dir, untrained_seed, source_path, device=device)
+    return key.build()
 
 
-def sample_shard(sampler: tuple, setting: Setting, shard: int, n: int, seed: int, trajectory: int = 0,
+def sample_shard(key: SamplerKey, setting: Setting, shard: int, n: int, seed: int, trajectory: int = 0,
                  keep_start: bool = False, first: int | None = None, set_size: int | None = None) -> dict:
-    """One shard (`Sampler.run`) by the sampler `sampler` = (model folder, model hash, untrained
-    seed, source file, source hash, device) names: kept between calls on CPU (`kept_sampler`),
-    built for the call on an accelerator (a model kept in an idle worker would hold its memory)."""
-    model_dir, _, untrained_seed, source_path, _, device = sampler
-    worker = kept_sampler(*sampler) if device == "cpu" else Sampler(model_dir, untrained_seed, source_path, device=device)
+    """One shard (`Sampler.run`) by the sampler `key` names: kept between calls on CPU
+    (`kept_sampler`), built for the call on an accelerator (a model kept in an idle worker would
+    hold its memory)."""
+    worker = kept_sampler(key) if key.device == "cpu" else key.build()
     return worker.run(setting, shard, n, seed, trajectory, keep_start, first, set_size)

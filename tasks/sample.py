@@ -1,7 +1,7 @@
 """Generate samples in parallel with Ray tasks, in fixed shards with their own seeds.
 
-Each task runs a `models.sampling.Sampler` (one per worker process, kept for its next shard); shard i always starts from the same
-draw (seeded by (seed, i)) and stochastic samplers take their noise from that same
+Each task runs a `models.sampling.Sampler` (one per worker process, kept for its next
+shard); shard i always starts from the same draw (seeded by (seed, i)) and stochastic samplers take their noise from that same
 generator, so the result does not depend on how many workers there are or which worker
 ran which shard. A setting's file is named by its label, which carries the method and
 every parameter that changes its output (`models.samplers.Setting`).
@@ -20,7 +20,7 @@ import ray
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.sampling import sample_count, sample_shard, shards
+from models.sampling import SamplerKey, sample_count, sample_shard, shards
 from models.samplers import Setting
 from tasks.config import RunConfig
 from tasks.infra import NonFiniteError, Ref, file_digest, short_hash, store
@@ -82,7 +82,7 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
             note(f"sample {cfg.name}: the source's test split holds {rows} rows, fewer than sample.n_samples = "
                  f"{cfg.sample.n_samples}: starts are drawn with replacement (set source.n_test, or a larger "
                  "source.test_path, for distinct starts)")
-    sampler = (model.uri, model.hash, cfg.seed, source_path, source.hash if source else None, cfg.sample.device)
+    sampler = SamplerKey(model.uri, model.hash, cfg.seed, source_path, source.hash if source else None, cfg.sample.device)
     size, traj = cfg.sample.shard_size, cfg.sample.trajectories
     calls = [(setting, shard, n, cfg.seed, traj if shard == 0 else 0, keep_start, shard * size, cfg.sample.n_samples)
              for setting, shard, n in jobs]
@@ -92,7 +92,7 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
             note(f"sample {cfg.name}: {kept} shards kept from an interrupted run, {len(jobs)} to sample")
         shown = bar.add_task(f"sample {cfg.name}", total=len(jobs) + kept, completed=kept,
                              info=f"{cfg.sample.num_workers} Ray workers")
-        with closing(run_shards(sampler, calls, cfg.sample.num_workers, 1 if cfg.sample.device == "cuda" else 0)) as results:
+        with closing(run_shards(sampler, calls, cfg.sample.num_workers)) as results:
             for res in results:
                 bad = int(np.size(res["x"]) - np.isfinite(res["x"]).sum())
                 if bad:
@@ -102,11 +102,12 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
                 bar.advance(shown)
 
 
-def run_shards(sampler: tuple, calls: list[tuple], workers: int, gpus: int = 0) -> Iterator[dict]:
+def run_shards(sampler: SamplerKey, calls: list[tuple], workers: int) -> Iterator[dict]:
     """`Sampler.run(*call)` for each of `calls` by the sampler `sampler` names
-    (`models.sampling.sample_shard`), as Ray tasks, `workers` at a time; results as they finish.
-    Closing it early (a failure, Ctrl-C) cancels the shards still running."""
-    remote, waiting = shard_task.options(num_gpus=gpus), iter(calls)
+    (`models.sampling.sample_shard`), as Ray tasks, `workers` at a time (a GPU each on cuda);
+    results as they finish. Closing it early (a failure, Ctrl-C) cancels the shards still running."""
+    remote = shard_task.options(num_gpus=1 if sampler.device == "cuda" else 0)
+    waiting = iter(calls)
     running = [remote.remote(sampler, *call) for call in islice(waiting, workers)]
     try:
         while running:

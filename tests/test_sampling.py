@@ -8,7 +8,7 @@ import torch
 
 from models.checkpoint import ModelSpec, save_model
 from models.samplers import Setting
-from models.sampling import Sampler, kept_sampler, sample_count, sample_shard, sampling_grid, shard_seed, shards
+from models.sampling import Sampler, SamplerKey, kept_sampler, sample_count, sample_shard, sampling_grid, shard_seed, shards
 from models.training import optimizer_step, scheduled_lr
 
 
@@ -72,14 +72,14 @@ def test_a_worker_keeps_its_sampler_for_the_same_model_only(model_dir, ddpm_dir)
     """A sampling task's shard is the shard a fresh Sampler makes; its worker reuses the Sampler
     it built while the model's hash is the same, and builds another when it is not."""
     kept_sampler.cache_clear()
-    key = (model_dir, "hash-a", 0, None, None, "cpu")
+    key = SamplerKey(model_dir, "hash-a", 0, None, None)
     setting = Setting("euler", 4)
     np.testing.assert_array_equal(sample_shard(key, setting, 1, 8, 5)["x"],
                                   Sampler(model_dir, 0, None).run(setting, 1, 8, seed=5)["x"])
-    first = kept_sampler(*key)
-    assert kept_sampler(*key) is first
-    assert kept_sampler(model_dir, "hash-b", 0, None, None, "cpu") is not first  # new weights in the folder
-    other = sample_shard((ddpm_dir, "hash-c", 0, None, None, "cpu"), Setting("ddim", 4), 1, 8, 5)["x"]
+    first = kept_sampler(key)
+    assert kept_sampler(key) is first
+    assert kept_sampler(key._replace(model_hash="hash-b")) is not first  # new weights in the folder
+    other = sample_shard(SamplerKey(ddpm_dir, "hash-c", 0, None, None), Setting("ddim", 4), 1, 8, 5)["x"]
     assert not np.array_equal(other, sample_shard(key, setting, 1, 8, 5)["x"])
 
 
