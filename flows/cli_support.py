@@ -67,8 +67,11 @@ def model_family(model_dir: Path) -> str:
 def quiet_logs() -> None:
     """Prefect logs every failed task with a traceback; the CLI reports user errors in one line
     and re-raises anything unexpected (so real bugs still show their traceback). DVC and MLflow
-    announce their one-time set-up at INFO level; only warnings are shown."""
+    announce their one-time set-up at INFO level; only warnings are shown. Prefect's logging set-up
+    (done once, on importing `prefect.main`) runs first: it would reset these levels afterwards."""
     import logging
+
+    import prefect.main  # noqa: F401
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -128,6 +128,22 @@ def test_ctrl_c_stops_training_at_its_next_step_and_the_rerun_resumes_there(moon
     assert resumed["metrics"] == moons["metrics"]
 
 
+def test_a_run_that_fails_mid_way_says_so_in_one_line(workspace: Path) -> None:
+    """A fit whose loss turns NaN, through the installed command in its own process (Prefect
+    logs a failed task with its traceback unless told otherwise): exit code 2 and the error as
+    the one line on stderr, with no traceback or Prefect log line before it."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *MOONS, "--set", "name=fm-diverges", "--set", "train.lr=1e9",
+                           "--out", str(workspace / "runs" / "diverges")], capture_output=True, text=True, cwd=workspace,
+                          env={**os.environ, "PREFECT_HOME": str(workspace / "prefect-child")}, timeout=600)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("error: train fm-diverges: the training loss is nan at step ")
+
+
 def test_two_configs_in_one_process(moons: dict, workspace: Path) -> None:
     """The main job's form: several configs, one Prefect server and one Ray, one folder each.
     Moons reuses its finished model and samples and scores the same numbers again."""
