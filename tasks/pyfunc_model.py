@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -37,7 +38,9 @@ class GendagSampler(PythonModel):
         sampler = context.model_config["sampler"]
         self.setting = Setting(sampler["method"], sampler["nfe"], tuple(sampler["params"].items()))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # or a dict: {"n": 16, "seed": 0}
+        """`n` samples from `seed` (0 if not given); the first row of a DataFrame, or a dict. The
+        hint tells MLflow not to infer a schema: it passes the input on as given."""
         import torch
 
         from models.sampling import start_draw
