@@ -38,15 +38,15 @@ class GendagSampler(PythonModel):
         sampler = context.model_config["sampler"]
         self.setting = Setting(sampler["method"], sampler["nfe"], tuple(sampler["params"].items()))
 
-    def predict(self, context, model_input: pd.DataFrame, params=None):  # or a dict: {"n": 16, "seed": 0}
-        """`n` samples from `seed` (0 if not given); the first row of a DataFrame, or a dict. The
-        hint tells MLflow not to infer a schema: it passes the input on as given."""
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        """`n` samples from `seed` (0 if not given): the first row of the input, which MLflow
+        makes a DataFrame of the model's signature (columns n, seed) from a dict or a DataFrame."""
         import torch
 
         from models.sampling import start_draw
         from models.samplers import sample_with
 
-        request = model_input.iloc[0].to_dict() if hasattr(model_input, "iloc") else dict(model_input)
+        request = model_input.iloc[0].to_dict() if hasattr(model_input, "iloc") else dict(model_input)  # called directly
         generator = torch.Generator().manual_seed(int(request.get("seed", 0)))
         x = start_draw(self.model, self.shape, int(request["n"]), generator, self.source)
         return sample_with(self.setting, self.model, x, generator).x.numpy()

@@ -190,7 +190,9 @@ def _log_pyfunc(client, run_id: str, model: Ref, source: Ref | None, setting) ->
     code, no pickle), sampling with `setting`: what the registered version points at."""
     import mlflow
     import torch
+    from mlflow.models import ModelSignature
     from mlflow.pyfunc import save_model
+    from mlflow.types import ColSpec, Schema
 
     artifacts = {"weights": str(model.path / "model.safetensors"), "spec": str(model.path / "model.json")}
     if source:
@@ -199,6 +201,8 @@ def _log_pyfunc(client, run_id: str, model: Ref, source: Ref | None, setting) ->
     with tempfile.TemporaryDirectory() as tmp:
         save_model(Path(tmp) / "pyfunc", python_model=str(CODE_ROOT / "tasks" / "pyfunc_model.py"),
                    artifacts=artifacts, code_paths=[str(CODE_ROOT / "models")], model_config={"sampler": sampler},
+                   signature=ModelSignature(Schema([ColSpec("long", "n"), ColSpec("long", "seed", required=False)])),
+                   input_example={"n": 16, "seed": 0},
                    pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                                      "safetensors", "numpy"])
         client.log_artifacts(run_id, str(Path(tmp) / "pyfunc"), artifact_path="pyfunc")
