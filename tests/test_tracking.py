@@ -127,11 +127,13 @@ def test_the_graphs_run_spans_it_and_carries_code_data_curves_and_descriptions(t
 
 
 PREDICT = """
-import sys, mlflow, numpy as np
+import sys, mlflow, numpy as np, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 a, b = model.predict({"n": 16, "seed": 0}), model.predict({"n": 16, "seed": 0})
+c = model.predict(pd.DataFrame({"n": [16]}))  # a DataFrame; seed 0 when not given
+assert model.metadata.signature.inputs.input_names() == ["n", "seed"]
 import models
-print(a.shape, bool(np.isfinite(a).all() and (a == b).all()), models.__file__)
+print(a.shape, bool(np.isfinite(a).all() and (a == b).all() and (a == c).all()), models.__file__)
 """
 
 
