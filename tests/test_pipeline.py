@@ -129,7 +129,7 @@ def test_ctrl_c_stops_training_at_its_next_step_and_the_rerun_resumes_there(moon
 
 
 def test_a_run_that_fails_mid_way_says_so_in_one_line(workspace: Path) -> None:
-    """A fit whose loss turns NaN, through the installed command in its own process (Prefect
+    """A fit whose loss turns NaN, through the command line in a process of its own (Prefect
     logs a failed task with its traceback unless told otherwise): exit code 2 and the error as
     the one line on stderr, with no traceback or Prefect log line before it."""
     import os
