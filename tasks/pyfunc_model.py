@@ -46,7 +46,7 @@ class GendagSampler(PythonModel):
         from models.sampling import start_draw
         from models.samplers import sample_with
 
-        request = model_input.iloc[0].to_dict() if hasattr(model_input, "iloc") else dict(model_input)  # called directly
+        request = model_input.iloc[0].to_dict()
         generator = torch.Generator().manual_seed(int(request.get("seed", 0)))
         x = start_draw(self.model, self.shape, int(request["n"]), generator, self.source)
         return sample_with(self.setting, self.model, x, generator).x.numpy()

@@ -1,9 +1,9 @@
 """Generate samples in parallel with Ray tasks, in fixed shards with their own seeds.
 
 Each task runs a `models.sampling.Sampler` (one per worker process, kept for its next
-shard); shard i always starts from the same draw (seeded by (seed, i)) and stochastic samplers take their noise from that same
-generator, so the result does not depend on how many workers there are or which worker
-ran which shard. A setting's file is named by its label, which carries the method and
+shard); shard i always starts from the same draw (seeded by (seed, i)) and stochastic
+samplers take their noise from that same generator, so the result does not depend on how
+many workers there are or which worker ran which shard. A setting's file is named by its label, which carries the method and
 every parameter that changes its output (`models.samplers.Setting`).
 """
 
@@ -82,7 +82,7 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
             note(f"sample {cfg.name}: the source's test split holds {rows} rows, fewer than sample.n_samples = "
                  f"{cfg.sample.n_samples}: starts are drawn with replacement (set source.n_test, or a larger "
                  "source.test_path, for distinct starts)")
-    sampler = SamplerKey(model.uri, model.hash, cfg.seed, source_path, source.hash if source else None, cfg.sample.device)
+    key = SamplerKey(model.uri, model.hash, cfg.seed, source_path, source.hash if source else None, cfg.sample.device)
     size, traj = cfg.sample.shard_size, cfg.sample.trajectories
     calls = [(setting, shard, n, cfg.seed, traj if shard == 0 else 0, keep_start, shard * size, cfg.sample.n_samples)
              for setting, shard, n in jobs]
@@ -92,7 +92,7 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
             note(f"sample {cfg.name}: {kept} shards kept from an interrupted run, {len(jobs)} to sample")
         shown = bar.add_task(f"sample {cfg.name}", total=len(jobs) + kept, completed=kept,
                              info=f"{cfg.sample.num_workers} Ray workers")
-        with closing(run_shards(sampler, calls, cfg.sample.num_workers)) as results:
+        with closing(run_shards(key, calls, cfg.sample.num_workers)) as results:
             for res in results:
                 bad = int(np.size(res["x"]) - np.isfinite(res["x"]).sum())
                 if bad:
@@ -102,17 +102,17 @@ def _run_shards(cfg: RunConfig, model: Ref, source: Ref | None, jobs: list, todo
                 bar.advance(shown)
 
 
-def run_shards(sampler: SamplerKey, calls: list[tuple], workers: int) -> Iterator[dict]:
-    """`Sampler.run(*call)` for each of `calls` by the sampler `sampler` names
+def run_shards(key: SamplerKey, calls: list[tuple], workers: int) -> Iterator[dict]:
+    """`Sampler.run(*call)` for each of `calls` by the sampler `key` names
     (`models.sampling.sample_shard`), as Ray tasks, `workers` at a time (a GPU each on cuda);
     results as they finish. Closing it early (a failure, Ctrl-C) cancels the shards still running."""
-    remote = shard_task.options(num_gpus=1 if sampler.device == "cuda" else 0)
+    remote = shard_task.options(num_gpus=1 if key.device == "cuda" else 0)
     waiting = iter(calls)
-    running = [remote.remote(sampler, *call) for call in islice(waiting, workers)]
+    running = [remote.remote(key, *call) for call in islice(waiting, workers)]
     try:
         while running:
             done, running = ray.wait(running, num_returns=1)
-            running += [remote.remote(sampler, *call) for call in islice(waiting, 1)]
+            running += [remote.remote(key, *call) for call in islice(waiting, 1)]
             yield ray.get(done[0])
     finally:
         for ref in running:
